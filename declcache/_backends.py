@@ -1,0 +1,64 @@
+"""Backend-specific arguments declcache adds to what the user configured.
+
+Every region stores bytes that declcache encoded itself, so no backend may pickle or unpickle
+anything: Memcached gets a bytes-only serde. Every key gets a server-side expiry a little longer
+than the model's ttl, so nothing stays in a shared server forever. Redis regions of one manager
+share one connection pool instead of opening one per model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["REDIS_BACKENDS", "backend_arguments", "share_connections"]
+
+REDIS_BACKENDS = frozenset(
+    {"dogpile.cache.redis", "dogpile.cache.redis_sentinel", "dogpile.cache.redis_cluster"}
+)
+MEMCACHED_BACKENDS = frozenset(
+    {"dogpile.cache.pymemcache", "dogpile.cache.memcached", "dogpile.cache.bmemcached"}
+)
+#: Seconds a key outlives its ttl on the server: dogpile expires it first (softly), the server
+#: then reclaims the memory. Keeps a clock skew between writers from dropping fresh entries.
+SERVER_EXPIRY_GRACE = 60
+#: Redis socket timeouts unless configured: a dead cache must cost milliseconds, not minutes.
+DEFAULT_REDIS_TIMEOUT = 0.5
+
+
+class BytesOnlySerde:
+    """pymemcache serde that stores and returns bytes and never unpickles a foreign value."""
+
+    def serialize(self, _key: str, value: Any) -> tuple[bytes, int]:
+        """Store bytes as they are; declcache encoded them already."""
+        if isinstance(value, str):
+            value = value.encode()
+        if not isinstance(value, bytes):
+            raise TypeError(f"declcache stores bytes only, got {type(value).__name__}")
+        return value, 0
+
+    def deserialize(self, _key: str, value: bytes, _flags: int) -> bytes:
+        """Return the raw bytes whatever their flags: decoding is declcache's job."""
+        return value
+
+
+def backend_arguments(backend: str, arguments: dict[str, Any], ttl: int) -> dict[str, Any]:
+    """The arguments one model's region is configured with."""
+    result = dict(arguments)
+    if backend in REDIS_BACKENDS:
+        result.setdefault("redis_expiration_time", ttl + SERVER_EXPIRY_GRACE)
+        result.setdefault("socket_timeout", DEFAULT_REDIS_TIMEOUT)
+        result.setdefault("socket_connect_timeout", DEFAULT_REDIS_TIMEOUT)
+    elif backend in MEMCACHED_BACKENDS:
+        result.setdefault("memcached_expire_time", ttl + SERVER_EXPIRY_GRACE)
+        if backend == "dogpile.cache.pymemcache":
+            result.setdefault("serde", BytesOnlySerde())
+    return result
+
+
+def share_connections(backend: str, configured: Any, arguments: dict[str, Any]) -> dict[str, Any]:
+    """Arguments for the next region so it reuses ``configured``'s connections when it can."""
+    if backend == "dogpile.cache.redis" and "url" not in arguments:
+        client = getattr(configured, "writer_client", None)
+        if client is not None and "connection_pool" not in arguments:
+            return {**arguments, "connection_pool": client.connection_pool}
+    return arguments

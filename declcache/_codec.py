@@ -1,0 +1,276 @@
+"""Column values to plain data and back, with their exact Python types.
+
+JSON and msgpack know only ``None``, ``bool``, numbers, strings, lists and maps. A model's
+columns hold ``Decimal``, aware and naive ``datetime``, ``UUID``, enum members, ``bytes``…
+Each column gets an ``(encode, decode)`` pair chosen once from its SQLAlchemy type, so a
+cached entity comes back with the same values of the same types the database gave. A type
+the codec does not know (a ``TypeDecorator`` returning its own objects) falls back to a
+tagged encoding by the value's runtime type; a value even that cannot express is not cached.
+
+Decoding builds a *detached* instance with its identity key, as if loaded and expunged, without
+calling the model's ``__init__``: ``session.merge(obj, load=False)`` re-attaches it and
+``session.add(obj)`` never INSERTs it again.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import decimal
+import enum
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import types as sqltypes
+from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.sql.sqltypes import _AbstractInterval
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Mapper
+    from sqlalchemy.sql.type_api import TypeEngine
+
+__all__ = ["CODEC_VERSION", "ModelCodec", "UnencodableValueError", "cached_columns"]
+
+#: Bumped whenever an encoding below changes, so old payloads are never decoded.
+CODEC_VERSION = 1
+
+Encode = Callable[[Any], Any]
+Decode = Callable[[Any], Any]
+
+
+class UnencodableValueError(ValueError):
+    """A column value the codec cannot represent; the entity is simply not cached."""
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _iso(value: dt.date | dt.time) -> str:
+    return value.isoformat()
+
+
+def _encode_interval(value: dt.timedelta) -> list[int]:
+    return [value.days, value.seconds, value.microseconds]
+
+
+def _decode_interval(value: list[int]) -> dt.timedelta:
+    days, seconds, microseconds = value
+    return dt.timedelta(days=days, seconds=seconds, microseconds=microseconds)
+
+
+def _encode_bytes(value: bytes) -> str:
+    return base64.b64encode(bytes(value)).decode("ascii")
+
+
+def _decode_bytes(value: str) -> bytes:
+    return base64.b64decode(value.encode("ascii"), validate=True)
+
+
+def _strict(kind: type) -> Decode:
+    """A decoder that accepts only ``kind`` (and not ``bool`` for numbers)."""
+
+    def decode(value: Any) -> Any:
+        if type(value) is not kind:
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    return decode
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _uuid(value: str) -> uuid.UUID:
+    return uuid.UUID(value)
+
+
+def _str_of(value: Any) -> str:
+    return str(value)
+
+
+# Tagged encoding for values whose column type says nothing useful about them.
+_TAGGED: dict[type, tuple[str, Encode]] = {
+    bool: ("b", _identity),
+    int: ("i", _identity),
+    float: ("f", _identity),
+    str: ("s", _identity),
+    decimal.Decimal: ("d", _str_of),
+    dt.datetime: ("dt", _iso),
+    dt.date: ("da", _iso),
+    dt.time: ("t", _iso),
+    dt.timedelta: ("td", _encode_interval),
+    uuid.UUID: ("u", _str_of),
+    bytes: ("y", _encode_bytes),
+    list: ("j", _identity),
+    dict: ("j", _identity),
+}
+_UNTAG: dict[str, Decode] = {
+    "b": _strict(bool),
+    "i": _strict(int),
+    "f": _float,
+    "s": _strict(str),
+    "d": decimal.Decimal,
+    "dt": dt.datetime.fromisoformat,
+    "da": dt.date.fromisoformat,
+    "t": dt.time.fromisoformat,
+    "td": _decode_interval,
+    "u": _uuid,
+    "y": _decode_bytes,
+    "j": _identity,
+}
+
+
+def _encode_tagged(value: Any) -> list[Any]:
+    entry = _TAGGED.get(type(value))
+    if entry is None:
+        raise UnencodableValueError(f"no encoding for a value of type {type(value).__qualname__}")
+    tag, encode = entry
+    return [tag, encode(value)]
+
+
+def _decode_tagged(value: list[Any]) -> Any:
+    tag, payload = value
+    return _UNTAG[tag](payload)
+
+
+def _enum_codec(type_: sqltypes.Enum) -> tuple[Encode, Decode]:
+    enum_class = type_.enum_class
+    if enum_class is None:
+        return _identity, _strict(str)
+    members: type[enum.Enum] = enum_class
+
+    def encode(value: Any) -> str:
+        return value.name if isinstance(value, enum.Enum) else str(value)
+
+    def decode(value: str) -> enum.Enum:
+        return members[value]
+
+    return encode, decode
+
+
+def _array_codec(type_: sqltypes.ARRAY[Any]) -> tuple[Encode, Decode]:
+    item_encode, item_decode = _codec_for(type_.item_type)
+
+    def encode(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [encode(item) for item in value]
+        return None if value is None else item_encode(value)
+
+    def decode(value: Any) -> Any:
+        if isinstance(value, list):
+            return [decode(item) for item in value]
+        return None if value is None else item_decode(value)
+
+    return encode, decode
+
+
+def _numeric_codec(type_: sqltypes.Numeric[Any]) -> tuple[Encode, Decode]:
+    # ``Float`` is a ``Numeric`` too; ``asdecimal`` alone says what the driver hands back.
+    return (_str_of, decimal.Decimal) if type_.asdecimal else (_identity, _float)
+
+
+def _codec_for(type_: TypeEngine[Any]) -> tuple[Encode, Decode]:  # noqa: PLR0912 - one flat dispatch reads best
+    """Choose the encoding of one column from its SQLAlchemy type, once per model."""
+    if isinstance(type_, sqltypes.Boolean):
+        return _identity, _strict(bool)
+    if isinstance(type_, sqltypes.Integer):
+        return _identity, _strict(int)
+    if isinstance(type_, sqltypes.Numeric):
+        return _numeric_codec(type_)
+    if isinstance(type_, sqltypes.Enum):
+        return _enum_codec(type_)
+    if isinstance(type_, sqltypes.String):
+        return _identity, _strict(str)
+    if isinstance(type_, sqltypes.DateTime):
+        return _iso, dt.datetime.fromisoformat
+    if isinstance(type_, sqltypes.Date):
+        return _iso, dt.date.fromisoformat
+    if isinstance(type_, sqltypes.Time):
+        return _iso, dt.time.fromisoformat
+    if isinstance(type_, _AbstractInterval):
+        return _encode_interval, _decode_interval
+    if isinstance(type_, sqltypes.Uuid):
+        return (_str_of, _uuid) if type_.as_uuid else (_identity, _strict(str))
+    if isinstance(type_, sqltypes.ARRAY):
+        return _array_codec(type_)
+    if isinstance(type_, sqltypes.JSON):
+        return _identity, _identity
+    if isinstance(type_, sqltypes._Binary):
+        return _encode_bytes, _decode_bytes
+    # TypeDecorators and types of other packages: trust only the value's runtime type.
+    return _encode_tagged, _decode_tagged
+
+
+@dataclass(frozen=True, slots=True)
+class _Column:
+    key: str
+    encode: Encode
+    decode: Decode
+
+
+def cached_columns(mapper: Mapper[Any]) -> list[tuple[str, TypeEngine[Any]]]:
+    """The ``(attribute key, type)`` of every table column the entity payload carries.
+
+    SQL-expression ``column_property`` attributes are left out: they are not stored, and
+    a cached entity must hold only what a plain load of the row holds.
+    """
+    from sqlalchemy import Column  # noqa: PLC0415 - keeps the module's import surface small
+
+    return [
+        (prop.key, prop.columns[0].type)
+        for prop in mapper.column_attrs
+        if all(isinstance(column, Column) for column in prop.columns)
+    ]
+
+
+class ModelCodec:
+    """Encode one model's instances to a plain list and decode them back, detached."""
+
+    __slots__ = ("_columns", "_mapper", "_new_instance", "keys")
+
+    def __init__(self, mapper: Mapper[Any]) -> None:
+        self._mapper = mapper
+        self._columns = tuple(
+            _Column(key, *_codec_for(type_)) for key, type_ in cached_columns(mapper)
+        )
+        self.keys = tuple(column.key for column in self._columns)
+        self._new_instance = mapper.class_manager.new_instance
+
+    def encode(self, instance: object) -> list[Any]:
+        """Return the instance's column values as plain data, in column order.
+
+        Raises:
+            UnencodableValueError: a column is not loaded (deferred or expired) or holds a
+                value no encoding covers; such an entity is not cached.
+        """
+        loaded = instance_state(instance).dict
+        values: list[Any] = []
+        for column in self._columns:
+            try:
+                value = loaded[column.key]
+            except KeyError:
+                raise UnencodableValueError(f"column {column.key!r} is not loaded") from None
+            values.append(None if value is None else column.encode(value))
+        return values
+
+    def decode(self, values: list[Any]) -> Any:
+        """Build a detached instance with its identity key from :meth:`encode`'s output.
+
+        Raises:
+            ValueError, TypeError, KeyError: the data does not fit this model.
+        """
+        if len(values) != len(self._columns):
+            raise ValueError(f"expected {len(self._columns)} values, got {len(values)}")
+        instance = self._new_instance()
+        loaded = instance_state(instance).dict
+        for column, value in zip(self._columns, values, strict=True):
+            loaded[column.key] = None if value is None else column.decode(value)
+        make_transient_to_detached(instance)
+        return instance

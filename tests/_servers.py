@@ -1,0 +1,389 @@
+"""Find (or start) the servers the tests run against: Redis, memcached and PostgreSQL.
+
+Plain functions, no fixtures (``tests/conftest.py`` wraps them). Each address comes from one
+environment variable and falls back to a default:
+
+==============================  ====================================================
+``DECLCACHE_TEST_REDIS``        ``host:port``, default ``127.0.0.1:6379``
+``DECLCACHE_TEST_MEMCACHED``    ``host:port``, default ``127.0.0.1:11211``
+``DECLCACHE_TEST_POSTGRES_URL`` default ``postgresql+psycopg://postgres@127.0.0.1:5432/test``
+==============================  ====================================================
+
+When nothing answers at the Redis or memcached address but the server binary is installed, a
+private server is started on a free loopback port instead. PostgreSQL tests always get a fresh
+database of their own, dropped at exit. A server that cannot be had skips the test locally and
+fails it under ``CI=true`` (see :func:`unavailable`). Everything this module starts or creates is
+stopped or dropped when the process exits.
+"""
+
+from __future__ import annotations
+
+import abc
+import atexit
+import functools
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import IO, TYPE_CHECKING, ClassVar, NoReturn, Self
+
+import pytest
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+REDIS_ENV = "DECLCACHE_TEST_REDIS"
+MEMCACHED_ENV = "DECLCACHE_TEST_MEMCACHED"
+POSTGRES_ENV = "DECLCACHE_TEST_POSTGRES_URL"
+
+DEFAULT_REDIS = "127.0.0.1:6379"
+DEFAULT_MEMCACHED = "127.0.0.1:11211"
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+#: How long a freshly started server gets to answer.
+START_TIMEOUT = 10.0
+
+_OWNER_PID = os.getpid()
+
+
+def in_ci() -> bool:
+    """Tell whether the tests run under CI (``CI=true``), where a missing server is a failure."""
+    return os.environ.get("CI") == "true"
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Give up on a server: fail the test under CI, skip it otherwise."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: a missing server is a failure)", pytrace=False)
+    pytest.skip(reason)
+
+
+def listening(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Tell whether something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def run_prefix() -> str:
+    """Return a key prefix unique to this test run, e.g. ``"dct1a2b3c4d:"``."""
+    return _run_prefix()
+
+
+@functools.cache
+def _run_prefix() -> str:
+    return f"dct{secrets.token_hex(4)}:"
+
+
+def _parse_address(env: str, default: str) -> tuple[str, int]:
+    value = os.environ.get(env) or default
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"{env}={value!r} is not 'host:port'")
+    return host.strip("[]"), int(port)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _ask(host: str, port: int, request: bytes, expected: bytes, timeout: float = 0.5) -> bool:
+    """Send one inline protocol command and tell whether the reply starts as expected."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(request)
+            return sock.recv(64).startswith(expected)
+    except OSError:
+        return False
+
+
+# --- private server processes ------------------------------------------------------------------
+
+_started: list[ServerProcess] = []
+
+
+def _stop_all() -> None:
+    if os.getpid() != _OWNER_PID:  # a forked child must not stop its parent's servers
+        return
+    for server in _started:
+        server.stop(kill=False)
+
+
+atexit.register(_stop_all)
+
+
+class ServerProcess(abc.ABC):
+    """A server this module started on a loopback port; it can be stopped and started again.
+
+    Data does not survive :meth:`stop`: the servers run without persistence.
+    """
+
+    #: Name of the server binary, looked up on ``PATH``.
+    binary: ClassVar[str]
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.host = host
+        self.port = port if port is not None else _free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._output: IO[bytes] | None = None
+        _started.append(self)
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<{type(self).__name__} {self.host}:{self.port} {state}>"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The ``(host, port)`` pair the server listens on."""
+        return self.host, self.port
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is alive (it may not be answering yet)."""
+        return self._process is not None and self._process.poll() is None
+
+    @abc.abstractmethod
+    def _command(self, binary: str) -> list[str]:
+        """Return the command line that runs the server in the foreground."""
+
+    @abc.abstractmethod
+    def ping(self) -> bool:
+        """Tell whether the server answers its protocol's ping."""
+
+    def start(self, timeout: float = START_TIMEOUT) -> Self:
+        """Start the server on its port (again) and wait until it answers.
+
+        Calls :func:`unavailable` when the binary is missing or the server does not come up.
+        """
+        problem = self._launch(timeout)
+        if problem is not None:
+            unavailable(problem)
+        return self
+
+    def _launch(self, timeout: float) -> str | None:
+        """Start the server; return why it is not answering, or None when it is."""
+        if self.running:
+            return None
+        binary = shutil.which(self.binary)
+        if binary is None:
+            return (
+                f"{self.binary} is not installed, cannot start a private server "
+                "(run `bash scripts/services.sh`)"
+            )
+        if self._output is not None:
+            self._output.close()
+        self._output = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
+        self._process = subprocess.Popen(
+            self._command(binary),
+            stdin=subprocess.DEVNULL,
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ping():
+                return None
+            if self._process.poll() is not None:
+                break
+            time.sleep(0.05)
+        output = self._read_output()
+        self.stop()
+        return (
+            f"{self.binary} on {self.host}:{self.port} did not answer within {timeout}s:\n{output}"
+        )
+
+    def stop(self, *, kill: bool = True) -> None:
+        """Stop the server: SIGKILL (a crash) by default, SIGTERM with ``kill=False``."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def _read_output(self) -> str:
+        if self._output is None:
+            return ""
+        self._output.seek(0)
+        return self._output.read().decode(errors="replace")[-2000:]
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class RedisProcess(ServerProcess):
+    """A private ``redis-server`` without persistence."""
+
+    binary = "redis-server"
+
+    def _command(self, binary: str) -> list[str]:
+        return [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            self.host,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            tempfile.gettempdir(),
+        ]
+
+    def ping(self) -> bool:
+        """Tell whether the server answers ``PING``."""
+        return _ask(self.host, self.port, b"PING\r\n", b"+PONG")
+
+
+class MemcachedProcess(ServerProcess):
+    """A private ``memcached`` (TCP only)."""
+
+    binary = "memcached"
+
+    def _command(self, binary: str) -> list[str]:
+        command = [binary, "-p", str(self.port), "-U", "0", "-l", self.host, "-m", "64"]
+        if os.geteuid() == 0:  # memcached refuses to run as root
+            command += ["-u", "nobody"]
+        return command
+
+    def ping(self) -> bool:
+        """Tell whether the server answers ``version``."""
+        return _ask(self.host, self.port, b"version\r\n", b"VERSION")
+
+
+def start_redis_server() -> RedisProcess:
+    """Start a NEW private Redis server on a free loopback port (for tests that kill it)."""
+    return RedisProcess().start()
+
+
+def start_memcached_server() -> MemcachedProcess:
+    """Start a NEW private memcached on a free loopback port (for tests that kill it)."""
+    return MemcachedProcess().start()
+
+
+# --- shared servers ----------------------------------------------------------------------------
+
+
+def redis_address() -> tuple[str, int]:
+    """Return the Redis server to test against, starting a private one if needed."""
+    return _shared(RedisProcess, REDIS_ENV, DEFAULT_REDIS)
+
+
+def memcached_address() -> tuple[str, int]:
+    """Return the memcached server to test against, starting a private one if needed."""
+    return _shared(MemcachedProcess, MEMCACHED_ENV, DEFAULT_MEMCACHED)
+
+
+def _shared(kind: type[ServerProcess], env: str, default: str) -> tuple[str, int]:
+    found = _discover(kind, env, default)
+    if isinstance(found, str):
+        unavailable(found)
+    return found
+
+
+@functools.cache
+def _discover(kind: type[ServerProcess], env: str, default: str) -> tuple[str, int] | str:
+    """Return the address, or why there is none (cached either way: no retry per test)."""
+    host, port = _parse_address(env, default)
+    if listening(host, port):
+        return host, port
+    if shutil.which(kind.binary) is None:
+        return (
+            f"no {kind.binary} answers on {host}:{port} and {kind.binary} is not installed: "
+            f"set {env}=host:port or run `bash scripts/services.sh`"
+        )
+    server = kind()
+    problem = server._launch(START_TIMEOUT)
+    return server.address if problem is None else problem
+
+
+# --- PostgreSQL --------------------------------------------------------------------------------
+
+
+def postgres_urls() -> tuple[str, str]:
+    """Create a fresh database for this process; return its (psycopg, asyncpg) URLs.
+
+    The database is named ``declcache_test_<pid>_<hex>`` and dropped (``WITH (FORCE)``) at exit,
+    so tests never touch a database they did not create.
+    """
+    found = _create_postgres_database()
+    if isinstance(found, str):
+        unavailable(found)
+    return found
+
+
+@functools.cache
+def _create_postgres_database() -> tuple[str, str] | str:
+    try:
+        import sqlalchemy as sa
+        from sqlalchemy.engine import make_url
+    except ImportError as error:  # pragma: no cover - SQLAlchemy is a hard dependency
+        return f"SQLAlchemy is not importable: {error}"
+
+    raw = os.environ.get(POSTGRES_ENV) or DEFAULT_POSTGRES_URL
+    base = make_url(raw).set(drivername="postgresql+psycopg")
+    name = f"declcache_test_{os.getpid()}_{secrets.token_hex(4)}"
+    shown = base.render_as_string(hide_password=True)
+    try:
+        admin = sa.create_engine(
+            base, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
+        )
+        try:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        finally:
+            admin.dispose()
+    except Exception as error:  # any failure means "no PostgreSQL to test on"
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        return (
+            f"cannot create a test database on PostgreSQL at {shown}: {first_line}; "
+            f"set {POSTGRES_ENV} or run `bash scripts/services.sh`"
+        )
+    atexit.register(_drop_postgres_database, base.render_as_string(hide_password=False), name)
+    sync_url = base.set(database=name)
+    async_url = sync_url.set(drivername="postgresql+asyncpg")
+    return (
+        sync_url.render_as_string(hide_password=False),
+        async_url.render_as_string(hide_password=False),
+    )
+
+
+def _drop_postgres_database(admin_url: str, name: str) -> None:
+    if os.getpid() != _OWNER_PID:
+        return
+    import sqlalchemy as sa
+
+    try:
+        admin = sa.create_engine(
+            admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
+        )
+        try:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        finally:
+            admin.dispose()
+    except Exception as error:  # at exit, report and go on
+        print(f"tests/_servers.py: could not drop database {name}: {error}", file=sys.stderr)

@@ -11,6 +11,7 @@ format and the codec version: change any of them and every old key is simply nev
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper
     from sqlalchemy.sql.type_api import TypeEngine
 
-__all__ = ["MAX_KEY_BYTES", "KeyBuilder", "fingerprint"]
+__all__ = ["MAX_KEY_BYTES", "KeyBuilder", "fingerprint", "normalized"]
 
 #: Memcached's limit, and so the limit of every key declcache writes.
 MAX_KEY_BYTES = 250
@@ -65,41 +66,52 @@ def _encode_value(text: str) -> str:
     return quote(text, safe="")
 
 
+@functools.cache
+def _normalizers(mapper: Mapper[Any]) -> dict[str, Callable[[Any], str]]:
+    return {prop.key: _normalizer(prop.columns[0].type) for prop in mapper.column_attrs}
+
+
+def normalized(
+    mapper: Mapper[Any], fields: Sequence[str], values: Sequence[Any]
+) -> tuple[str, ...]:
+    """The canonical text of each key value, so ``7``, ``"7"`` and ``7.0`` compare equal.
+
+    Raises:
+        ValueError: a value cannot be normalised for its column (``"abc"`` for an int id).
+        KeyError: a field is not a column attribute.
+    """
+    normalizers = _normalizers(mapper)
+    return tuple(normalizers[f](v) for f, v in zip(fields, values, strict=True))
+
+
 class KeyBuilder:
     """Builds the keys of one model: one per key-field set, plus the list-version key."""
 
-    __slots__ = ("_head", "_normalizers")
+    __slots__ = ("_head", "_mapper")
 
     def __init__(self, prefix: str, mapper: Mapper[Any], format_name: str) -> None:
         model = _encode_value(mapper.class_.__name__)
         self._head = f"{prefix}{model}:{fingerprint(mapper, format_name)}"
-        self._normalizers: dict[str, Callable[[Any], str]] = {}
-        for prop in mapper.column_attrs:
-            self._normalizers[prop.key] = _normalizer(prop.columns[0].type)
+        self._mapper = mapper
 
     @property
     def head(self) -> str:
         """``prefix + model + fingerprint``: every key of this model starts with it."""
         return self._head
 
-    def entity_key(
-        self, fields: Sequence[str], values: Sequence[Any], generation: str = "0"
-    ) -> str:
+    def entity_key(self, fields: Sequence[str], values: Sequence[Any]) -> str:
         """Key of the entity whose ``fields`` equal ``values``.
 
         Raises:
             ValueError: a value cannot be normalised for its column (``"abc"`` for an int id).
         """
-        texts = [
-            _encode_value(self._normalizers[f](v)) for f, v in zip(fields, values, strict=True)
-        ]
+        texts = [_encode_value(text) for text in normalized(self._mapper, fields, values)]
         names = "+".join(_encode_value(field) for field in fields)
-        key = f"{self._head}:g{generation}:{names}={','.join(texts)}"
-        return _bounded(key)
+        return _bounded(f"{self._head}:{names}={','.join(texts)}")
 
-    def named_key(self, name: str, generation: str = "0") -> str:
-        """A per-model bookkeeping key (a version token, a generation counter…)."""
-        return _bounded(f"{self._head}:g{generation}:{_encode_value(name)}")
+    def named_key(self, name: str) -> str:
+        """A per-model bookkeeping key (a token, a cached query); never equal to an entity key."""
+        return _bounded(f"{self._head}:{name.replace('=', '%3D')}")
 
 
 def _bounded(key: str) -> str:

@@ -1,33 +1,60 @@
 """CacheManager: one dogpile region per cached model, and every read and write of the cache.
 
-The manager is the only place that talks to a backend. Every call into dogpile is guarded: a
-fault (the server is down, a payload is corrupt or foreign) is logged, counted and answered as
-a miss, so the caller falls back to the database and never sees the cache fail.
+The manager is the only place that talks to a backend. Every backend call is guarded: a fault
+(the server is down, a payload is corrupt or foreign) is logged, counted and answered as a miss,
+so the caller falls back to the database and never sees the cache fail.
+
+How a read stays correct (see docs/invalidation.md):
+
+* every entity payload carries the model's *generation* token, read in the same round trip
+  (``MGET generation, key``); a bulk statement or ``invalidate_model`` draws a new random
+  token, which turns every older entry of the model into a miss at once;
+* invalidating an entity overwrites its keys with a unique *tombstone*; a fill after a database
+  read is a compare-and-set against exactly what the reader saw before querying, so a reader
+  that queried before a commit can never write the old row over the commit's tombstone;
+* every list payload carries the model's *list version* token, replaced on every change.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from declcache import _backends
+from sqlalchemy import inspect
+from sqlalchemy.orm.attributes import instance_state
+
+from declcache import _backends, _wire
 from declcache._api import Ident, Lookup
 from declcache._codec import ModelCodec, UnencodableValueError
-from declcache._keys import KeyBuilder
+from declcache._keys import KeyBuilder, normalized
 from declcache._meta import ModelSpec, resolve_spec
-from declcache._registry import declared_meta
+from declcache._registry import cached_models, declared_meta
 from declcache._stats import Counters, FaultLog, ModelStats
+from declcache._store import Store, Swap, store_for
 from declcache.exceptions import SettingsError
 from declcache.settings import CacheConfig
 
 if TYPE_CHECKING:
     from dogpile.cache.region import CacheRegion
+    from sqlalchemy.orm import Mapper
 
-__all__ = ["CacheManager"]
+__all__ = ["CacheManager", "ModelChanges"]
 
 logger = logging.getLogger("declcache.manager")
+
+#: How long a generation or list-version token lives on the server, at least.
+TOKEN_TTL_FLOOR = 86_400
+#: Invalidations kept while the backend is down; past this, whole models are invalidated.
+INVALIDATION_QUEUE_LIMIT = 10_000
+#: Seconds between two attempts to replay queued invalidations.
+REPLAY_INTERVAL = 1.0
+
+_ENTITY, _NOT_FOUND, _POINTER, _LIST = "e", "n", "p", "l"
 
 
 def _passthrough(payload: Any) -> Any:
@@ -35,78 +62,174 @@ def _passthrough(payload: Any) -> Any:
     return payload
 
 
+@dataclass
+class ModelChanges:
+    """What one transaction changed in one model, collected by the session listeners.
+
+    Attributes:
+        keys: ``(key fields, values)`` of every entity key to invalidate, old and new.
+        whole_model: a bulk or textual statement wrote rows nobody listed.
+    """
+
+    keys: set[tuple[tuple[str, ...], tuple[Any, ...]]] = field(default_factory=set)
+    whole_model: bool = False
+
+    def merge(self, other: ModelChanges) -> None:
+        """Add ``other``'s changes to these."""
+        self.keys |= other.keys
+        self.whole_model |= other.whole_model
+
+    @property
+    def size(self) -> int:
+        """How many keys invalidating these changes writes."""
+        return len(self.keys) + 1
+
+
+@dataclass
+class _Ticket:
+    """What a read saw, so that the fill after the database query can be refused if stale."""
+
+    generation: str
+    observed: dict[str, bytes | None]
+    started: float
+
+
 class _ModelCache:
     """Everything one manager keeps for one cached model."""
 
-    __slots__ = ("codec", "counters", "fingerprint", "format", "keys", "model", "region", "spec")
-
     def __init__(self, spec: ModelSpec, region: CacheRegion, keys: KeyBuilder) -> None:
-        from sqlalchemy import inspect  # noqa: PLC0415 - local to keep start-up imports lean
-
+        mapper: Mapper[Any] = inspect(spec.model)
         self.spec = spec
-        self.model = spec.model
+        self.model: type = spec.model
+        self.name = spec.model.__name__
         self.region = region
+        self.store: Store = store_for(region.backend)
         self.keys = keys
-        self.codec = ModelCodec(inspect(spec.model))
+        self.codec = ModelCodec(mapper)
         self.format = spec.format
         self.fingerprint = spec.fingerprint
         self.counters = Counters()
+        self.ttl = spec.ttl
+        self.server_ttl = spec.ttl + _backends.SERVER_EXPIRY_GRACE
+        self.token_ttl = max(spec.ttl * 10, TOKEN_TTL_FLOOR)
+        self.generation_key = keys.named_key("generation")
+        self.version_key = keys.named_key("list-version")
+        self._pk_columns = tuple(mapper.get_property(name).key for name in spec.primary_key)
 
-    def ident_key(self, ident: Ident) -> str:
-        """Key of the entity ``ident`` names: a primary key, or a mapping of a key set."""
+    # -- keys ----------------------------------------------------------------------------
+
+    def key_of(self, fields: tuple[str, ...], values: Sequence[Any]) -> str:
+        return self.keys.entity_key(fields, values)
+
+    def ident_key(self, ident: Ident) -> tuple[tuple[str, ...], str]:
+        """``(key fields, key)`` of the entity ``ident`` names.
+
+        Raises:
+            ValueError: ``ident`` names no key of this model or cannot be normalised.
+        """
         if isinstance(ident, Mapping):
-            fields = tuple(ident)
             for key_set in self.spec.key_fields:
-                if set(key_set) == set(fields):
-                    return self.keys.entity_key(key_set, [ident[name] for name in key_set])
-            raise ValueError(
-                f"{sorted(fields)} is not a key of {self.model.__name__}; "
-                f"keys are {list(self.spec.key_fields)}"
-            )
+                if set(key_set) == set(ident):
+                    return key_set, self.key_of(key_set, [ident[name] for name in key_set])
+            known = list(self.spec.key_fields)
+            raise ValueError(f"{sorted(ident)} is not a key of {self.name}; keys are {known}")
         values = ident if isinstance(ident, tuple) else (ident,)
-        return self.keys.entity_key(self.spec.primary_key, values)
+        return self.spec.primary_key, self.key_of(self.spec.primary_key, values)
 
-    def instance_keys(self, instance: object, *, committed: bool = False) -> list[str]:
-        """Every key ``instance`` is cached under: its primary key and each key-field set."""
-        from sqlalchemy.orm.attributes import instance_state  # noqa: PLC0415
-
-        state = instance_state(instance)
-        source = state.committed_state if committed else {}
-        loaded = state.dict
-        keys = []
+    def entity_keys(self, instance: object) -> dict[tuple[str, ...], str]:
+        """Every key ``instance`` is known by, per key-field set (``None`` values skipped)."""
+        loaded = _state_dict(instance)
+        keys = {}
         for key_set in self.spec.key_fields:
-            values = [source.get(name, loaded.get(name)) for name in key_set]
+            values = [loaded.get(name) for name in key_set]
             if all(value is not None for value in values):
-                keys.append(self.keys.entity_key(key_set, values))
+                keys[key_set] = self.key_of(key_set, values)
         return keys
 
-    def encode(self, instance: object) -> bytes | None:
-        try:
-            payload = self.format.dumps([self.fingerprint, *self.codec.encode(instance)])
-        except (UnencodableValueError, TypeError, ValueError, OverflowError) as error:
-            logger.debug("%s not cached: %s", self.model.__name__, error)
+    # -- payloads ------------------------------------------------------------------------
+
+    def dump(self, generation: str, kind: str, *body: Any) -> bytes:
+        payload = self.format.dumps([self.fingerprint, generation, kind, *body])
+        return _wire.wrap(payload.encode() if isinstance(payload, str) else payload)
+
+    def entity_payload(self, generation: str, instance: object) -> bytes | None:
+        if type(instance) is not self.model:  # a polymorphic subclass has other columns
             return None
-        return payload.encode() if isinstance(payload, str) else payload
-
-    def not_found_payload(self) -> bytes:
-        payload = self.format.dumps([self.fingerprint])
-        return payload.encode() if isinstance(payload, str) else payload
-
-    def decode(self, raw: Any) -> Any:
-        """An instance, :attr:`Lookup.NOT_FOUND`, or :attr:`Lookup.MISS` for a bad payload."""
         try:
-            data = self.format.loads(raw)
-            if not isinstance(data, list) or not data or data[0] != self.fingerprint:
-                raise ValueError("payload of another model, schema or format")
-            if len(data) == 1:
-                return Lookup.NOT_FOUND
-            return self.codec.decode(data[1:])
+            return self.dump(generation, _ENTITY, *self.codec.encode(instance))
+        except (UnencodableValueError, TypeError, ValueError, OverflowError) as error:
+            logger.debug("%s not cached: %s", self.name, error)
+            return None
+
+    def tombstone(self) -> bytes:
+        payload = self.format.dumps([self.fingerprint, _wire.tombstone_marker()])
+        return _wire.wrap(payload.encode() if isinstance(payload, str) else payload)
+
+    def parse(self, raw: bytes | None, generation: str) -> tuple[str, list[Any]] | None:
+        """``(kind, body)`` of a current payload; ``None`` for absent, stale or expired ones.
+
+        A payload that cannot be decoded at all counts as an error and is also ``None``.
+        """
+        if raw is None:
+            return None
+        try:
+            created_at, payload = _wire.unwrap(raw)
+            data = self.format.loads(payload)
+            if not isinstance(data, list) or len(data) < 2 or data[0] != self.fingerprint:
+                raise ValueError("a payload of another model, schema or format")
         except Exception as error:
-            logger.warning(
-                "%s: ignoring an undecodable cache payload: %r", self.model.__name__, error
-            )
             self.counters.add("errors")
+            logger.warning("%s: ignoring an undecodable cache payload: %r", self.name, error)
+            return None
+        if data[1] != generation or len(data) < 3 or time.time() - created_at >= self.ttl:
+            return None
+        return data[2], data[3:]
+
+    def decode_entity(self, body: list[Any]) -> Any:
+        try:
+            return self.codec.decode(body)
+        except Exception as error:
+            self.counters.add("errors")
+            logger.warning("%s: ignoring an undecodable cached entity: %r", self.name, error)
             return Lookup.MISS
+
+
+def _state_dict(instance: object) -> dict[str, Any]:
+    loaded: dict[str, Any] = instance_state(instance).dict
+    return loaded
+
+
+def _match(model: type, idents: Sequence[Ident], loaded: list[Any]) -> list[Any]:
+    """For each ident, the loaded instance it names, or ``None``."""
+    mapper: Mapper[Any] = inspect(model)
+    primary_key = tuple(mapper.get_property_by_column(column).key for column in mapper.primary_key)
+    indexes: dict[tuple[str, ...], dict[tuple[str, ...], Any]] = {}
+    matches = []
+    for ident in idents:
+        fields = tuple(ident) if isinstance(ident, Mapping) else primary_key
+        if isinstance(ident, Mapping):
+            values = tuple(ident.values())
+        else:
+            values = ident if isinstance(ident, tuple) else (ident,)
+        if fields not in indexes:
+            index = indexes[fields] = {}
+            for item in loaded:
+                state = _state_dict(item)
+                index[normalized(mapper, fields, [state.get(name) for name in fields])] = item
+        try:
+            matches.append(indexes[fields].get(normalized(mapper, fields, values)))
+        except (ValueError, TypeError, KeyError):
+            matches.append(None)
+    return matches
+
+
+def _parse_token(raw: bytes | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        return _wire.unwrap(raw)[1].decode("ascii")
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 class CacheManager:
@@ -126,7 +249,12 @@ class CacheManager:
         self._lock = threading.RLock()
         self._faults = FaultLog(logger)
         self._first_region: CacheRegion | None = None
+        self._memory: dict[str, Any] = {}
         self._enabled = self._config.enabled and self._dogpile_available()
+        self._queue: deque[tuple[type, ModelChanges]] = deque()
+        self._queued_size = 0
+        self._overflowed: set[type] = set()
+        self._next_replay = 0.0
 
     @staticmethod
     def _dogpile_available() -> bool:
@@ -147,6 +275,14 @@ class CacheManager:
         """``False`` when caching is off or dogpile.cache is missing: everything misses."""
         return self._enabled
 
+    @property
+    def blocking(self) -> bool:
+        """Whether backend calls do network or file I/O (async callers run them in a thread)."""
+        return self._enabled and self._config.backend not in {
+            "dogpile.cache.memory",
+            "dogpile.cache.null",
+        }
+
     def spec(self, model: type) -> ModelSpec | None:
         """The resolved settings of ``model``; ``None`` if it declares no CacheMeta.
 
@@ -154,12 +290,14 @@ class CacheManager:
             CacheMetaError: the model's CacheMeta is invalid.
             SettingsError: a per-model override of it is invalid.
         """
-        from sqlalchemy import inspect  # noqa: PLC0415
-
         declared = declared_meta(model)
         if declared is None:
             return None
         return resolve_spec(inspect(model), declared, self._config)
+
+    def is_cached(self, model: type) -> bool:
+        """Whether this manager caches ``model`` (it has a CacheMeta and is enabled)."""
+        return self._cache(model) is not None
 
     def _cache(self, model: type) -> _ModelCache | None:
         try:
@@ -177,8 +315,6 @@ class CacheManager:
         spec = self.spec(model)
         if spec is None or not spec.enabled:
             return None
-        from sqlalchemy import inspect  # noqa: PLC0415
-
         region = self._make_region(spec)
         keys = KeyBuilder(self._config.key_prefix, inspect(model), spec.serializer)
         return _ModelCache(spec, region, keys)
@@ -189,6 +325,8 @@ class CacheManager:
 
         backend = self._config.backend
         arguments = _backends.backend_arguments(backend, dict(self._config.arguments), spec.ttl)
+        if backend == "dogpile.cache.memory":
+            arguments.setdefault("cache_dict", self._memory)
         if self._first_region is not None:
             arguments = _backends.share_connections(backend, self._first_region.backend, arguments)
         region = make_region(
@@ -212,21 +350,85 @@ class CacheManager:
             self._first_region = region
         return region
 
-    def is_cached(self, model: type) -> bool:
-        """Whether this manager caches ``model`` (it has a CacheMeta and is enabled)."""
-        return self._cache(model) is not None
-
     def _fault(self, cache: _ModelCache, operation: str, error: Exception) -> None:
         cache.counters.add("errors")
         self._faults.warning(
             f"{operation}:{type(error).__name__}",
             "cache %s failed for %s, using the database: %r",
             operation,
-            cache.model.__name__,
+            cache.name,
             error,
         )
 
-    # -- reads ---------------------------------------------------------------------------
+    def _usable(self, model: type) -> _ModelCache | None:
+        """The model's cache, unless its invalidations are still waiting for the backend."""
+        cache = self._cache(model)
+        if cache is None:
+            return None
+        if self._queue or self._overflowed:
+            self._replay()
+            if model in self._overflowed or any(m is model for m, _ in self._queue):
+                return None
+        return cache
+
+    # -- tokens --------------------------------------------------------------------------
+
+    def _token(self, cache: _ModelCache, key: str, raw: bytes | None) -> str:
+        """The token stored at ``key``, creating one when there is none (or garbage)."""
+        token = _parse_token(raw)
+        if token is not None:
+            return token
+        fresh = _wire.new_token()
+        wrapped = _wire.wrap(fresh.encode("ascii"))
+        if cache.store.add(key, wrapped, cache.token_ttl):
+            return fresh
+        token = _parse_token(cache.store.get_many([key])[0])
+        if token is not None:
+            return token
+        cache.store.set_many({key: wrapped}, cache.token_ttl)
+        return fresh
+
+    # -- entity reads ----------------------------------------------------------------------
+
+    def _read(self, cache: _ModelCache, keys: list[str]) -> tuple[list[Any], _Ticket]:
+        """Look ``keys`` up; results are instances, ``NOT_FOUND`` or ``MISS``."""
+        started = time.monotonic()
+        raws = cache.store.get_many([cache.generation_key, *keys])
+        generation = self._token(cache, cache.generation_key, raws[0])
+        ticket = _Ticket(generation, dict(zip(keys, raws[1:], strict=True)), started)
+        results: list[Any] = []
+        pointers: dict[int, str] = {}
+        for index, raw in enumerate(raws[1:]):
+            parsed = cache.parse(raw, generation)
+            results.append(self._entity_result(cache, parsed, pointers, index))
+        if pointers:
+            targets = list(dict.fromkeys(pointers.values()))
+            target_raws = cache.store.get_many(targets)
+            ticket.observed.update(zip(targets, target_raws, strict=True))
+            found = dict(zip(targets, target_raws, strict=True))
+            for index, target in pointers.items():
+                parsed = cache.parse(found[target], generation)
+                kind_ok = parsed is not None and parsed[0] == _ENTITY
+                results[index] = cache.decode_entity(parsed[1]) if kind_ok else Lookup.MISS  # type: ignore[index]
+        return results, ticket
+
+    @staticmethod
+    def _entity_result(
+        cache: _ModelCache,
+        parsed: tuple[str, list[Any]] | None,
+        pointers: dict[int, str],
+        index: int,
+    ) -> Any:
+        if parsed is None:
+            return Lookup.MISS
+        kind, body = parsed
+        if kind == _ENTITY:
+            return cache.decode_entity(body)
+        if kind == _NOT_FOUND:
+            return Lookup.NOT_FOUND
+        if kind == _POINTER:
+            pointers[index] = cache.key_of(cache.spec.primary_key, body)
+        return Lookup.MISS
 
     def get(self, model: type, ident: Ident) -> Any:
         """The cached entity ``ident`` names, :attr:`Lookup.NOT_FOUND`, or :attr:`Lookup.MISS`.
@@ -234,62 +436,108 @@ class CacheManager:
         ``ident`` is a primary-key value, a tuple for a composite primary key, or a mapping
         ``{field: value}`` of the primary key or of a ``key_fields`` set.
         """
-        cache = self._cache(model)
-        if cache is None:
-            return Lookup.MISS
-        try:
-            key = cache.ident_key(ident)
-        except (ValueError, TypeError) as error:
-            logger.debug("%s: %r cannot be a cache key: %s", model.__name__, ident, error)
-            return Lookup.MISS
-        return self._read(cache, key)
-
-    def _read(self, cache: _ModelCache, key: str) -> Any:
-        from dogpile.cache.api import NO_VALUE  # noqa: PLC0415
-
-        try:
-            raw = cache.region.get(key)
-        except Exception as error:
-            self._fault(cache, "get", error)
-            cache.counters.add("misses")
-            return Lookup.MISS
-        found = Lookup.MISS if raw is NO_VALUE else cache.decode(raw)
-        cache.counters.add("misses" if found is Lookup.MISS else "hits")
-        return found
+        return self.get_many(model, [ident])[0]
 
     def get_many(self, model: type, idents: Sequence[Ident]) -> list[Any]:
         """:meth:`get` for several entities in one backend round trip, in the order asked."""
-        cache = self._cache(model)
-        if cache is None or not idents:
-            return [Lookup.MISS] * len(idents)
-        from dogpile.cache.api import NO_VALUE  # noqa: PLC0415
+        return self._lookup(model, idents)[0]
 
+    def _lookup(
+        self, model: type, idents: Sequence[Ident]
+    ) -> tuple[list[Any], _Ticket | None, list[str | None]]:
+        cache = self._usable(model)
+        if cache is None or not idents:
+            return [Lookup.MISS] * len(idents), None, [None] * len(idents)
         keys: list[str | None] = []
         for ident in idents:
             try:
-                keys.append(cache.ident_key(ident))
-            except (ValueError, TypeError):
+                keys.append(cache.ident_key(ident)[1])
+            except (ValueError, TypeError) as error:
+                logger.debug("%s: %r cannot be a cache key: %s", cache.name, ident, error)
                 keys.append(None)
-        wanted = [key for key in keys if key is not None]
+        wanted = list(dict.fromkeys(key for key in keys if key is not None))
         try:
-            found = cache.region.get_multi(wanted)  # type: ignore[no-untyped-call]
-            raws = dict(zip(wanted, found, strict=True))
+            found, ticket = self._read(cache, wanted)
         except Exception as error:
-            self._fault(cache, "get_multi", error)
-            raws = {}
-        results = []
-        for key in keys:
-            raw = NO_VALUE if key is None else raws.get(key, NO_VALUE)
-            results.append(Lookup.MISS if raw is NO_VALUE else cache.decode(raw))
+            self._fault(cache, "get", error)
+            cache.counters.add("misses", len(idents))
+            return [Lookup.MISS] * len(idents), None, [None] * len(idents)
+        by_key = dict(zip(wanted, found, strict=True))
+        results = [Lookup.MISS if key is None else by_key[key] for key in keys]
         hits = sum(result is not Lookup.MISS for result in results)
         cache.counters.add("hits", hits)
         cache.counters.add("misses", len(results) - hits)
-        return results
+        return results, ticket, keys
 
-    # -- writes --------------------------------------------------------------------------
+    # -- read-through ----------------------------------------------------------------------
+
+    def load(self, model: type, ident: Ident, loader: Callable[[], Any]) -> Any:
+        """The entity ``ident`` names, from the cache or else from ``loader()``; ``None`` if none.
+
+        ``loader`` queries the database and returns the instance or ``None``. Its result is
+        cached unless the entity was invalidated while it ran (no stale fill).
+        """
+        return self.load_many(model, [ident], lambda _missing: [loader()])[0]
+
+    def load_many(
+        self,
+        model: type,
+        idents: Sequence[Ident],
+        loader: Callable[[list[Ident]], Iterable[Any]],
+    ) -> list[Any]:
+        """Entities in the order asked (``None`` where no row), one query for all misses.
+
+        ``loader(missing)`` receives the idents the cache could not answer and returns the
+        instances the database has for them (in any order, ``None`` entries ignored).
+        """
+        results, ticket, keys = self._lookup(model, idents)
+        missing = [index for index, result in enumerate(results) if result is Lookup.MISS]
+        if missing:
+            loaded = [item for item in loader([idents[i] for i in missing]) if item is not None]
+            matches = _match(model, [idents[i] for i in missing], loaded)
+            for index, found in zip(missing, matches, strict=True):
+                results[index] = found
+            cache = self._cache(model)
+            if cache is not None and ticket is not None:
+                absent = [keys[i] for i in missing if results[i] is None]
+                self._fill(cache, ticket, loaded, absent)
+        return [None if result is Lookup.NOT_FOUND else result for result in results]
+
+    def _fill(
+        self, cache: _ModelCache, ticket: _Ticket, loaded: list[Any], absent: list[str | None]
+    ) -> None:
+        if time.monotonic() - ticket.started >= cache.ttl:
+            return  # tombstones this read may have raced with could be gone: do not fill
+        try:
+            self._store_fill(cache, ticket, loaded, absent)
+        except Exception as error:
+            self._fault(cache, "fill", error)
+
+    def _store_fill(
+        self, cache: _ModelCache, ticket: _Ticket, loaded: list[Any], absent: list[str | None]
+    ) -> None:
+        swaps: list[Swap] = []
+        for instance in loaded:
+            payload = cache.entity_payload(ticket.generation, instance)
+            if payload is None:
+                continue
+            keys = cache.entity_keys(instance)
+            primary = keys.pop(cache.spec.primary_key)
+            pk_values = [_state_dict(instance)[name] for name in cache.spec.primary_key]
+            swaps.append((primary, ticket.observed.get(primary), payload))
+            pointer = cache.dump(ticket.generation, _POINTER, *pk_values) if keys else b""
+            swaps.extend((key, ticket.observed.get(key), pointer) for key in keys.values())
+        if cache.spec.cache_not_found:
+            not_found = cache.dump(ticket.generation, _NOT_FOUND)
+            swaps.extend((key, ticket.observed.get(key), not_found) for key in absent if key)
+        if not swaps:
+            return
+        stored = cache.store.compare_and_set(swaps, cache.server_ttl)
+        cache.counters.add("fills", sum(stored))
+        cache.counters.add("fills_refused", len(stored) - sum(stored))
 
     def set(self, model: type, instance: object) -> bool:
-        """Cache ``instance`` (loaded from the database) under each of its keys.
+        """Cache ``instance`` (loaded from the database) under each of its keys; warm-up use.
 
         Returns:
             Whether it was stored: ``False`` when the model is not cached, a column is not
@@ -298,81 +546,224 @@ class CacheManager:
         return self.set_many(model, [instance]) == 1
 
     def set_many(self, model: type, instances: Sequence[object]) -> int:
-        """Cache several instances in one backend round trip; returns how many were stored."""
-        cache = self._cache(model)
+        """Cache several instances unconditionally; returns how many were stored."""
+        cache = self._usable(model)
         if cache is None:
             return 0
-        mapping: dict[str, bytes] = {}
-        stored = 0
-        for instance in instances:
-            payload = cache.encode(instance)
-            if payload is None:
-                continue
-            stored += 1
-            mapping.update(dict.fromkeys(cache.instance_keys(instance), payload))
-        if not mapping:
-            return 0
         try:
-            cache.region.set_multi(mapping)
+            raw = cache.store.get_many([cache.generation_key])[0]
+            generation = self._token(cache, cache.generation_key, raw)
+            mapping: dict[str, bytes] = {}
+            stored = 0
+            for instance in instances:
+                payload = cache.entity_payload(generation, instance)
+                if payload is None:
+                    continue
+                stored += 1
+                keys = cache.entity_keys(instance)
+                primary = keys.pop(cache.spec.primary_key)
+                mapping[primary] = payload
+                if keys:
+                    pk = [_state_dict(instance)[name] for name in cache.spec.primary_key]
+                    mapping.update(
+                        dict.fromkeys(keys.values(), cache.dump(generation, _POINTER, *pk))
+                    )
+            if mapping:
+                cache.store.set_many(mapping, cache.server_ttl)
         except Exception as error:
             self._fault(cache, "set", error)
             return 0
         cache.counters.add("fills", stored)
         return stored
 
-    def set_not_found(self, model: type, ident: Ident) -> bool:
-        """Remember that ``ident`` names no row (for models with ``cache_not_found``)."""
-        cache = self._cache(model)
-        if cache is None or not cache.spec.cache_not_found:
-            return False
+    # -- lists -----------------------------------------------------------------------------
+
+    def load_list(self, model: type, query_key: str, loader: Callable[[], Any]) -> Any:
+        """A cached query result for ``query_key``, else ``loader()``'s, cached under the version.
+
+        ``loader`` returns a list of instances or an ``int`` (a count). A list result of
+        instances is cached as their column values, so a hit builds fresh detached instances.
+        """
+        cache = self._usable(model)
+        if cache is None:
+            return loader()
+        key = cache.keys.named_key(f"q:{query_key}")
+        version: str | None = None
         try:
-            key = cache.ident_key(ident)
-            cache.region.set(key, cache.not_found_payload())
-        except (ValueError, TypeError):
-            return False
+            raws = cache.store.get_many([cache.version_key, key])
+            version = self._token(cache, cache.version_key, raws[0])
+            cached = self._decode_list(cache, cache.parse(raws[1], version))
+        except Exception as error:
+            self._fault(cache, "get", error)
+            cached = Lookup.MISS
+        if cached is not Lookup.MISS:
+            cache.counters.add("hits")
+            return cached
+        cache.counters.add("misses")
+        result = loader()
+        if version is not None:
+            self._store_list(cache, key, version, result)
+        return result
+
+    @staticmethod
+    def _decode_list(cache: _ModelCache, parsed: tuple[str, list[Any]] | None) -> Any:
+        if parsed is None or parsed[0] != _LIST:
+            return Lookup.MISS
+        body = parsed[1]
+        if len(body) == 1 and isinstance(body[0], int):
+            return body[0]
+        items = [cache.decode_entity(row) for row in body]
+        return Lookup.MISS if any(item is Lookup.MISS for item in items) else items
+
+    def _store_list(self, cache: _ModelCache, key: str, version: str, result: Any) -> None:
+        if isinstance(result, int) and not isinstance(result, bool):
+            body: list[Any] = [result]
+        else:
+            try:
+                body = [cache.codec.encode(item) for item in result if type(item) is cache.model]
+            except (UnencodableValueError, TypeError, ValueError) as error:
+                logger.debug("%s list not cached: %s", cache.name, error)
+                return
+            if len(body) != len(result):
+                return
+        try:
+            cache.store.set_many({key: cache.dump(version, _LIST, *body)}, cache.server_ttl)
         except Exception as error:
             self._fault(cache, "set", error)
-            return False
-        return True
+            return
+        cache.counters.add("fills")
 
-    def _delete(self, cache: _ModelCache, keys: list[str]) -> bool:
-        if not keys:
-            return True
+    # -- invalidation ----------------------------------------------------------------------
+
+    def apply(self, changes: Mapping[type, ModelChanges]) -> None:
+        """Invalidate what a committed transaction changed; never raises.
+
+        What the backend cannot take now is queued and replayed when it answers again.
+        """
+        for model, change in changes.items():
+            cache = self._cache(model)
+            if cache is None:
+                continue
+            if self._queue or self._overflowed:
+                self._enqueue(model, change)
+                continue
+            try:
+                self._write_invalidation(cache, change)
+            except Exception as error:
+                self._fault(cache, "invalidate", error)
+                self._enqueue(model, change)
+        if self._queue or self._overflowed:
+            self._replay()
+
+    def _write_invalidation(self, cache: _ModelCache, change: ModelChanges) -> None:
+        tombstones = {}
+        for fields_, values in change.keys:
+            try:
+                tombstones[cache.key_of(fields_, values)] = cache.tombstone()
+            except (ValueError, TypeError):
+                continue
+        if tombstones:
+            cache.store.set_many(tombstones, cache.server_ttl)
+        tokens = {cache.version_key: _wire.wrap(_wire.new_token().encode("ascii"))}
+        if change.whole_model:
+            tokens[cache.generation_key] = _wire.wrap(_wire.new_token().encode("ascii"))
+        cache.store.set_many(tokens, cache.token_ttl)
+        cache.counters.add("invalidations", len(tombstones) + len(tokens))
+
+    def _enqueue(self, model: type, change: ModelChanges) -> None:
+        cache = self._cache(model)
+        with self._lock:
+            if self._queued_size + change.size > INVALIDATION_QUEUE_LIMIT:
+                self._overflowed.add(model)
+                if cache is not None:
+                    cache.counters.add("invalidations_overflowed")
+                return
+            self._queue.append((model, change))
+            self._queued_size += change.size
+        if cache is not None:
+            cache.counters.add("invalidations_queued")
+
+    def _replay(self) -> None:
+        """Apply queued invalidations once the backend answers; at most once per interval."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next_replay:
+                return
+            self._next_replay = now + REPLAY_INTERVAL
+            pending = list(self._queue)
+            overflowed = set(self._overflowed)
         try:
-            cache.region.delete_multi(keys)
-        except Exception as error:
-            self._fault(cache, "delete", error)
-            return False
-        cache.counters.add("invalidations", len(keys))
-        return True
+            for model in overflowed:
+                cache = self._cache(model)
+                if cache is not None:
+                    self._write_invalidation(cache, ModelChanges(whole_model=True))
+            for model, change in pending:
+                cache = self._cache(model)
+                if cache is not None:
+                    self._write_invalidation(cache, change)
+        except Exception:
+            return
+        with self._lock:
+            for _ in pending:
+                _, change = self._queue.popleft()
+                self._queued_size -= change.size
+            self._overflowed -= overflowed
+        logger.info("replayed %d queued invalidations after a backend fault", len(pending))
 
     def invalidate(self, model: type, key: Ident) -> bool:
-        """Drop the cached entity ``key`` names, under every key it is cached by.
+        """Drop the cached entity ``key`` names, and every cached list of the model.
 
         Args:
             model: the mapped class.
             key: a primary-key value (a tuple for a composite key) or a mapping of a key set.
 
         Returns:
-            ``False`` when the backend could not be reached.
+            ``False`` when the backend could not be reached (the invalidation is queued).
         """
         cache = self._cache(model)
         if cache is None:
             return True
         try:
-            primary = cache.ident_key(key)
+            fields_, _ = cache.ident_key(key)
         except (ValueError, TypeError):
             return True
-        keys = [primary]
-        cached = self._read(cache, primary)
-        if cached is not Lookup.MISS and cached is not Lookup.NOT_FOUND:
-            keys = list(dict.fromkeys([primary, *cache.instance_keys(cached)]))
-        return self._delete(cache, keys)
+        values = tuple(key[name] for name in fields_) if isinstance(key, Mapping) else key
+        values = values if isinstance(values, tuple) else (values,)
+        return self._invalidate_now(model, ModelChanges(keys={(fields_, values)}))
 
-    # -- introspection -------------------------------------------------------------------
+    def invalidate_model(self, model: type) -> bool:
+        """Drop every cached entity and list of ``model`` at once (a new generation token).
+
+        Use it after writing the model's table outside the ORM (Core on a bare connection).
+        """
+        return self._invalidate_now(model, ModelChanges(whole_model=True))
+
+    def clear(self) -> bool:
+        """Drop everything this manager cached, for every model with a CacheMeta.
+
+        Only this key prefix's tokens are replaced: nothing is scanned or flushed, so other
+        applications on the same server are untouched.
+        """
+        results = [self.invalidate_model(model) for model in cached_models()]
+        return all(results)
+
+    def _invalidate_now(self, model: type, change: ModelChanges) -> bool:
+        cache = self._cache(model)
+        if cache is None:
+            return True
+        before = cache.counters.snapshot().invalidations_queued
+        self.apply({model: change})
+        return cache.counters.snapshot().invalidations_queued == before
+
+    # -- introspection -----------------------------------------------------------------------
 
     def stats(self) -> dict[str, ModelStats]:
         """Counters per cached model name, since this manager started."""
         with self._lock:
             caches = [cache for cache in self._caches.values() if cache is not None]
-        return {cache.model.__name__: cache.counters.snapshot() for cache in caches}
+        return {cache.name: cache.counters.snapshot() for cache in caches}
+
+    @property
+    def pending_invalidations(self) -> int:
+        """Invalidations waiting for the backend to come back (0 when all is well)."""
+        return self._queued_size + len(self._overflowed)

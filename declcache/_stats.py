@@ -23,6 +23,11 @@ class ModelStats:
         fills: entries written after a database read.
         invalidations: entries dropped because the data changed (or on request).
         errors: backend faults and undecodable payloads; each degraded to the database.
+        fills_refused: fills dropped because the entry was invalidated while the database
+            was being read (the no-stale-fill guard at work).
+        invalidations_queued: invalidations kept for replay while the backend was down.
+        invalidations_overflowed: times the replay queue was full and the whole model was
+            marked for invalidation instead.
     """
 
     hits: int = 0
@@ -30,6 +35,9 @@ class ModelStats:
     fills: int = 0
     invalidations: int = 0
     errors: int = 0
+    fills_refused: int = 0
+    invalidations_queued: int = 0
+    invalidations_overflowed: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict, for JSON and tables."""

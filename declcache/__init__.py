@@ -6,6 +6,7 @@ the cache.
 """
 
 from declcache._api import Lookup
+from declcache._invalidation import setup_cache_listeners
 from declcache._manager import CacheManager
 from declcache._meta import ModelSpec
 from declcache._stats import ModelStats
@@ -33,4 +34,5 @@ __all__ = [
     "NotFoundError",
     "SettingsError",
     "__version__",
+    "setup_cache_listeners",
 ]

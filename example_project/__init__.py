@@ -1,0 +1,1 @@
+"""A small shop that uses declcache: models with CacheMeta and a read-heavy workload."""

@@ -1,0 +1,81 @@
+"""Seed a database and run a read-heavy workload twice: through the cache and without it."""
+
+from __future__ import annotations
+
+import decimal
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, event
+from sqlalchemy.orm import Session
+
+from declcache import CacheManager
+from example_project.models import Base, Customer, Product
+
+
+@dataclass
+class RunResult:
+    label: str
+    reads: int
+    queries: int
+    latencies_us: list[float]
+
+    @property
+    def median_us(self) -> float:
+        return statistics.median(self.latencies_us)
+
+
+def seed(engine: Engine, customers: int, products: int) -> None:
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add_all(
+            Customer(id=i, email=f"customer{i}@example.com", name=f"Customer {i}")
+            for i in range(1, customers + 1)
+        )
+        session.add_all(
+            Product(sku=f"SKU-{i:05d}", title=f"Product {i}", price=decimal.Decimal(i) / 4)
+            for i in range(1, products + 1)
+        )
+        session.commit()
+
+
+class QueryCounter:
+    """Counts statements the engine sends, the way the test suite proves cache hits."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.count = 0
+        event.listen(engine, "before_cursor_execute", self._count)
+
+    def _count(self, *_args: object) -> None:
+        self.count += 1
+
+
+def run(
+    engine: Engine,
+    manager: CacheManager,
+    *,
+    label: str,
+    reads: int,
+    customers: int,
+    seed_value: int = 7,
+    progress: Callable[[int], None] = lambda _done: None,
+) -> RunResult:
+    """Read random customers, each in a fresh session, the way a web request would."""
+    counter = QueryCounter(engine)
+    rng = random.Random(seed_value)
+    hot = max(1, customers // 10)  # 90 % of reads go to 10 % of the customers
+    latencies = []
+    for done in range(1, reads + 1):
+        ident = rng.randint(1, hot) if rng.random() < 0.9 else rng.randint(1, customers)
+        start = time.perf_counter()
+        with Session(engine, info={"cache_manager": manager}) as session:
+            customer = manager.load(Customer, ident, lambda: session.get(Customer, ident))
+        latencies.append((time.perf_counter() - start) * 1e6)
+        assert customer is not None and customer.id == ident
+        progress(done)
+    event.remove(engine, "before_cursor_execute", counter._count)
+    return RunResult(label, reads, counter.count, latencies)

@@ -100,6 +100,7 @@ class _ModelCache:
     def __init__(self, spec: ModelSpec, region: CacheRegion, keys: KeyBuilder) -> None:
         mapper: Mapper[Any] = inspect(spec.model)
         self.spec = spec
+        self.mapper = mapper
         self.model: type = spec.model
         self.name = spec.model.__name__
         self.region = region
@@ -114,7 +115,6 @@ class _ModelCache:
         self.token_ttl = max(spec.ttl * 10, TOKEN_TTL_FLOOR)
         self.generation_key = keys.named_key("generation")
         self.version_key = keys.named_key("list-version")
-        self._pk_columns = tuple(mapper.get_property(name).key for name in spec.primary_key)
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -160,6 +160,12 @@ class _ModelCache:
         except (UnencodableValueError, TypeError, ValueError, OverflowError) as error:
             logger.debug("%s not cached: %s", self.name, error)
             return None
+
+    def pointer_payload(self, generation: str, instance: object) -> bytes:
+        """What a ``key_fields`` key holds: the primary key, as canonical text."""
+        primary_key = self.spec.primary_key
+        values = [_state_dict(instance)[name] for name in primary_key]
+        return self.dump(generation, _POINTER, *normalized(self.mapper, primary_key, values))
 
     def tombstone(self) -> bytes:
         payload = self.format.dumps([self.fingerprint, _wire.tombstone_marker()])
@@ -290,6 +296,9 @@ class CacheManager:
             CacheMetaError: the model's CacheMeta is invalid.
             SettingsError: a per-model override of it is invalid.
         """
+        cache = self._caches.get(model)
+        if cache is not None:
+            return cache.spec
         declared = declared_meta(model)
         if declared is None:
             return None
@@ -523,10 +532,10 @@ class CacheManager:
                 continue
             keys = cache.entity_keys(instance)
             primary = keys.pop(cache.spec.primary_key)
-            pk_values = [_state_dict(instance)[name] for name in cache.spec.primary_key]
             swaps.append((primary, ticket.observed.get(primary), payload))
-            pointer = cache.dump(ticket.generation, _POINTER, *pk_values) if keys else b""
-            swaps.extend((key, ticket.observed.get(key), pointer) for key in keys.values())
+            if keys:
+                pointer = cache.pointer_payload(ticket.generation, instance)
+                swaps.extend((key, ticket.observed.get(key), pointer) for key in keys.values())
         if cache.spec.cache_not_found:
             not_found = cache.dump(ticket.generation, _NOT_FOUND)
             swaps.extend((key, ticket.observed.get(key), not_found) for key in absent if key)
@@ -564,10 +573,8 @@ class CacheManager:
                 primary = keys.pop(cache.spec.primary_key)
                 mapping[primary] = payload
                 if keys:
-                    pk = [_state_dict(instance)[name] for name in cache.spec.primary_key]
-                    mapping.update(
-                        dict.fromkeys(keys.values(), cache.dump(generation, _POINTER, *pk))
-                    )
+                    pointer = cache.pointer_payload(generation, instance)
+                    mapping.update(dict.fromkeys(keys.values(), pointer))
             if mapping:
                 cache.store.set_many(mapping, cache.server_ttl)
         except Exception as error:

@@ -111,7 +111,7 @@ class KeyBuilder:
 
     def named_key(self, name: str) -> str:
         """A per-model bookkeeping key (a token, a cached query); never equal to an entity key."""
-        return _bounded(f"{self._head}:{name.replace('=', '%3D')}")
+        return _bounded(f"{self._head}:{_encode_value(name)}")
 
 
 def _bounded(key: str) -> str:

@@ -612,6 +612,49 @@ class CacheManager:
             self._store_list(cache, key, version, result)
         return result
 
+    def get_list(self, model: type, query_key: str) -> Any:
+        """The cached result :meth:`load_list` would return for ``query_key``, or ``MISS``.
+
+        A lookup only: nothing is loaded or filled (a caller about to take a fill lock uses
+        it to skip the lock on a hit).
+        """
+        cache = self._usable(model)
+        if cache is None:
+            return Lookup.MISS
+        key = cache.keys.named_key(f"q:{query_key}")
+        try:
+            raws = cache.store.get_many([cache.version_key, key])
+            version = _parse_token(raws[0])
+            parsed = None if version is None else cache.parse(raws[1], version)
+            return self._decode_list(cache, parsed)
+        except Exception as error:
+            self._fault(cache, "get", error)
+            return Lookup.MISS
+
+    def fill_mutex(
+        self, model: type, ident: Ident | None = None, *, query_key: str | None = None
+    ) -> Any:
+        """The backend's distributed lock for filling one entry; ``None`` when there is none.
+
+        Only when the backend arguments say ``distributed_lock=True`` (dogpile's Redis and
+        Memcached backends): a process holding it fills the entry ``ident`` (or the cached
+        query ``query_key``) names while other processes wait, then read what it filled.
+        The object has dogpile's mutex interface: ``acquire(wait=True)`` and ``release()``.
+        """
+        if not self._config.arguments.get("distributed_lock"):
+            return None
+        cache = self._usable(model)
+        if cache is None:
+            return None
+        try:
+            if query_key is not None:
+                key = cache.keys.named_key(f"q:{query_key}")
+            else:
+                key = cache.ident_key(ident)[1]
+        except (ValueError, TypeError):
+            return None
+        return cache.region.backend.get_mutex(key)
+
     @staticmethod
     def _decode_list(cache: _ModelCache, parsed: tuple[str, list[Any]] | None) -> Any:
         if parsed is None or parsed[0] != _LIST:

@@ -29,7 +29,14 @@ if TYPE_CHECKING:
 
     from declcache.settings import CacheConfig
 
-__all__ = ["META_ATTRIBUTES", "DeclaredMeta", "ModelSpec", "read_cache_meta", "resolve_spec"]
+__all__ = [
+    "META_ATTRIBUTES",
+    "DeclaredMeta",
+    "ModelSpec",
+    "check_override",
+    "read_cache_meta",
+    "resolve_spec",
+]
 
 KeySets = tuple[tuple[str, ...], ...]
 
@@ -38,7 +45,7 @@ class _InvalidError(ValueError):
     """One attribute's problem, before we know whether to blame CacheMeta or the settings."""
 
 
-def _positive_seconds(value: Any, _mapper: Mapper[Any]) -> int:
+def _positive_seconds(value: Any, _mapper: Mapper[Any] | None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _InvalidError(
             f"expected a positive whole number of seconds, got {value!r} "
@@ -47,13 +54,13 @@ def _positive_seconds(value: Any, _mapper: Mapper[Any]) -> int:
     return value
 
 
-def _boolean(value: Any, _mapper: Mapper[Any]) -> bool:
+def _boolean(value: Any, _mapper: Mapper[Any] | None) -> bool:
     if not isinstance(value, bool):
         raise _InvalidError(f"expected True or False, got {value!r}")
     return value
 
 
-def _serializer(value: Any, _mapper: Mapper[Any]) -> tuple[str, SerializationFormat]:
+def _serializer(value: Any, _mapper: Mapper[Any] | None) -> tuple[str, SerializationFormat]:
     try:
         return resolve_format(value)
     except ValueError as error:
@@ -90,8 +97,9 @@ def _is_unique(mapper: Mapper[Any], columns: list[Column[Any]]) -> bool:
     return wanted in constraints
 
 
-def _key_fields(value: Any, mapper: Mapper[Any]) -> KeySets:
+def _key_fields(value: Any, mapper: Mapper[Any] | None) -> KeySets:
     """Normalise ``"email"``, ``("email",)`` or ``(("email",), ("org", "slug"))``."""
+    assert mapper is not None, "key_fields is only checked against a mapped class"
     if isinstance(value, str):
         value = (value,)
     if not isinstance(value, (tuple, list)) or not value:
@@ -111,7 +119,7 @@ def _key_fields(value: Any, mapper: Mapper[Any]) -> KeySets:
     return tuple(normalised)
 
 
-Validator = Callable[[Any, "Mapper[Any]"], Any]
+Validator = Callable[[Any, "Mapper[Any] | None"], Any]
 
 #: What a CacheMeta may say, and how each value is checked and normalised.
 META_ATTRIBUTES: Mapping[str, Validator] = {
@@ -127,6 +135,23 @@ def _unknown_attribute(name: str) -> str:
     hint = difflib.get_close_matches(name, list(META_ATTRIBUTES), n=1)
     known = ", ".join(META_ATTRIBUTES)
     return f"unknown attribute{f'; did you mean {hint[0]!r}?' if hint else ''} (known: {known})"
+
+
+def check_override(attribute: str, value: Any) -> str | None:
+    """The problem with one per-model override, checked before any model is mapped.
+
+    ``key_fields`` needs the model's columns and is checked when the model is resolved.
+    """
+    validator = META_ATTRIBUTES.get(attribute)
+    if validator is None:
+        return _unknown_attribute(attribute)
+    if attribute == "key_fields":
+        return None
+    try:
+        validator(value, None)
+    except _InvalidError as error:
+        return str(error)
+    return None
 
 
 @dataclass(frozen=True)

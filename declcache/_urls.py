@@ -30,8 +30,15 @@ def _coerce(text: str) -> Any:
 
 
 def _host_port(netloc: str, default_port: int) -> tuple[str, int]:
-    host, _, port = netloc.rpartition(":") if netloc.count(":") == 1 else (netloc, "", "")
-    if not host:
+    """Split ``host[:port]`` or ``[ipv6][:port]``."""
+    if netloc.startswith("["):
+        host, bracket, rest = netloc.partition("]")
+        if not bracket:
+            raise ValueError(f"unclosed '[' in {netloc!r}")
+        host, port = host + "]", rest.removeprefix(":")
+    else:
+        host, _, port = netloc.partition(":")
+    if not host or host == "[]":
         raise ValueError(f"no host in {netloc!r}")
     if not port:
         return host, default_port
@@ -76,7 +83,12 @@ def _memcached(url: str) -> tuple[str, dict[str, Any]]:
 
 
 def _file(url: str) -> tuple[str, dict[str, Any]]:
-    path = unquote(urlsplit(url).path)
+    parts = urlsplit(url)
+    if parts.netloc not in {"", "localhost"}:
+        raise ValueError(
+            f"{url!r} names host {parts.netloc!r}; a file URL is file:///absolute/path.dbm"
+        )
+    path = unquote(parts.path)
     if not path or path.endswith("/"):
         raise ValueError("no file name in file:///path/cache.dbm")
     return "dogpile.cache.dbm", {"filename": path}

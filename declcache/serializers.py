@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import types
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -101,6 +102,8 @@ BUILTIN_FORMATS: dict[str, Callable[[], SerializationFormat]] = {
 
 
 def _qualified_name(function: object) -> str:
+    if isinstance(function, types.ModuleType):
+        return function.__name__
     module = getattr(function, "__module__", None) or "?"
     return f"{module}:{getattr(function, '__qualname__', type(function).__qualname__)}"
 
@@ -147,7 +150,7 @@ def resolve_format(spec: object) -> tuple[str, SerializationFormat]:
             )
         try:
             module = importlib.import_module(module_name)
-        except ImportError as error:
+        except Exception as error:
             raise ValueError(
                 f"cannot import module {module_name!r} of {spec!r}: {error}"
             ) from error

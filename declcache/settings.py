@@ -14,16 +14,20 @@ highest first:
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Self
+from types import MappingProxyType
+from typing import Annotated, Any, ClassVar, Self
 
 from pydantic import ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from declcache._meta import check_override
 from declcache._urls import parse_cache_url
 from declcache.exceptions import SettingsError
+from declcache.serializers import resolve_format
 
 __all__ = ["ENV_PREFIX", "CacheConfig", "CacheSettings"]
 
@@ -43,6 +47,13 @@ BACKEND_ALIASES: Mapping[str, str] = {
 }
 
 _PREFIX_PATTERN = re.compile(r"[!-~]*")  # printable ASCII, no space: valid in every backend key
+
+
+def _rank(source: str) -> int:
+    """How explicit a source is: an argument beats a variable, which beats a default."""
+    if source.startswith("CacheConfig("):
+        return 2
+    return 1 if source.startswith(ENV_PREFIX) else 0
 
 
 def _env_name(field_name: str) -> str:
@@ -67,11 +78,22 @@ class CacheSettings(BaseSettings):
     enabled: bool = True
     backend: str = DEFAULT_BACKEND
     url: str | None = None
-    arguments: dict[str, Any] = {}
+    arguments: Annotated[dict[str, Any], NoDecode] = {}
     expiration_time: int = DEFAULT_EXPIRATION_TIME
     key_prefix: str = DEFAULT_KEY_PREFIX
     serializer: str = DEFAULT_SERIALIZER
-    models: dict[str, dict[str, Any]] = {}
+    models: Annotated[dict[str, dict[str, Any]], NoDecode] = {}
+
+    @field_validator("arguments", "models", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> Any:
+        """Decode JSON here, so a bad value is reported with its variable's name."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"invalid JSON: {error}") from None
+        return value
 
     @field_validator("expiration_time")
     @classmethod
@@ -154,27 +176,35 @@ class CacheConfig:
         self._check_key_prefix()
         self._check_serializer_pair()
         self._check_models()
+        self._check_serializer()
         backend, arguments = self.backend, dict(self.arguments)
-        if self.url is not None:
+        if self.url is not None and sources["backend"] != sources["url"]:
             try:
-                backend, url_arguments = parse_cache_url(self.url)
+                url_backend, url_arguments = parse_cache_url(self.url)
             except ValueError as error:
                 raise SettingsError(self.setting_name("url"), str(error)) from None
-            if sources["backend"] not in {"default", "url"} and self._alias(
-                self.backend
-            ) != self._alias(backend):
+            url_rank, backend_rank = _rank(sources["url"]), _rank(sources["backend"])
+            contradicts = self._alias(self.backend) != self._alias(url_backend)
+            if contradicts and url_rank == backend_rank:
                 raise SettingsError(
                     self.setting_name("backend"),
                     f"{self.backend!r} contradicts {self.setting_name('url')}, which means "
-                    f"{backend!r}; set only one of them",
+                    f"{url_backend!r}; set only one of them",
                 )
-            arguments = {**url_arguments, **arguments}
-            sources["backend"] = sources["arguments"] = sources["url"]
+            if url_rank >= backend_rank:  # the more explicit of the two wins
+                backend, arguments = url_backend, {**url_arguments, **arguments}
+                sources["backend"] = sources["url"]
+                if sources["arguments"] == "default":
+                    sources["arguments"] = sources["url"]
         if not isinstance(backend, str) or not backend:
             raise SettingsError(self.setting_name("backend"), "expected a dogpile backend name")
         object.__setattr__(self, "backend", self._alias(backend))
-        object.__setattr__(self, "arguments", arguments)
-        object.__setattr__(self, "models", {k: dict(v) for k, v in self.models.items()})
+        object.__setattr__(self, "arguments", MappingProxyType(arguments))
+        object.__setattr__(
+            self,
+            "models",
+            MappingProxyType({k: MappingProxyType(dict(v)) for k, v in self.models.items()}),
+        )
 
     @staticmethod
     def _alias(backend: str) -> str:
@@ -236,6 +266,18 @@ class CacheConfig:
                 self.setting_name("models"),
                 'expected an object of objects keyed by model, e.g. {"users": {"ttl": 60}}',
             )
+        for name, overrides in self.models.items():
+            for attribute, value in overrides.items():
+                problem = check_override(attribute, value)
+                if problem is not None:
+                    setting = f"{self.setting_name('models')}[{name}].{attribute}"
+                    raise SettingsError(setting, problem)
+
+    def _check_serializer(self) -> None:
+        try:
+            resolve_format(self.serializer_spec)
+        except ValueError as error:
+            raise SettingsError(self.setting_name("serializer"), str(error)) from None
 
     @property
     def serializer_spec(self) -> Any:

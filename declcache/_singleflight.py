@@ -1,0 +1,140 @@
+"""One load per key per process: concurrent callers of one key share the first caller's load.
+
+The first caller of a key becomes the *leader* and runs the load; callers arriving while it
+runs become *followers* and wait for it instead of loading too. Each caller gets an
+:class:`Outcome` saying who led and what came out, so the caller decides what it may reuse:
+an ORM instance belongs to the leader's session, so a follower in another session reads the
+cache the leader just filled instead of taking the instance.
+
+:class:`ThreadFlights` serves threads; :class:`AsyncFlights` serves coroutines, whose followers
+await the leader's future (under one ``AsyncSession`` they must not query concurrently).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Hashable
+
+__all__ = ["AsyncFlights", "Outcome", "ThreadFlights"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[T]):
+    """What one caller gets from a flight.
+
+    Attributes:
+        value: the leader's result (``None`` when it raised).
+        error: what the leader raised, if anything.
+        leader: whether this caller ran the load itself.
+        owner: the owner (a session) the leader loaded with.
+    """
+
+    value: T | None
+    error: BaseException | None
+    leader: bool
+    owner: object
+
+    def result(self) -> T:
+        """The leader's value, or its exception raised again."""
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]  # None is a valid T here
+
+
+class _Call:
+    __slots__ = ("done", "error", "owner", "thread", "value")
+
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
+        self.thread = threading.get_ident()
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+class ThreadFlights:
+    """Singleflight for threads: one running load per key, the others block until it ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[Hashable, _Call] = {}
+
+    def run(self, key: Hashable, owner: object, load: Callable[[], T]) -> Outcome[T]:
+        """Run ``load`` unless another thread runs it for ``key``; then wait for that one.
+
+        A leader's exception propagates to the leader; followers receive it in the outcome.
+        """
+        with self._lock:
+            call = self._calls.get(key)
+            leader = call is None or call.thread == threading.get_ident()  # no self-deadlock
+            if call is None:
+                call = self._calls[key] = _Call(owner)
+        if not leader:
+            call.done.wait()
+            return Outcome(call.value, call.error, leader=False, owner=call.owner)
+        try:
+            call.value = value = load()
+        except BaseException as error:
+            call.error = error
+            raise
+        finally:
+            with self._lock:
+                if self._calls.get(key) is call:
+                    del self._calls[key]
+            call.done.set()
+        return Outcome(value, None, leader=True, owner=owner)
+
+
+class AsyncFlights:
+    """Singleflight for coroutines of one event loop (keys are kept apart per loop)."""
+
+    def __init__(self) -> None:
+        self._calls: dict[tuple[asyncio.AbstractEventLoop, Hashable], tuple[Any, object]] = {}
+
+    async def run(
+        self, key: Hashable, owner: object, load: Callable[[], Awaitable[T]]
+    ) -> Outcome[T]:
+        """Await ``load()`` unless a coroutine already does for ``key``; then await that one.
+
+        A follower that is cancelled does not cancel the leader. When the leader is cancelled,
+        its followers run ``load()`` themselves rather than fail.
+        """
+        loop = asyncio.get_running_loop()
+        slot = (loop, key)
+        running = self._calls.get(slot)
+        if running is not None:
+            future, leader_owner = running
+            try:
+                value = await asyncio.shield(future)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not future.cancelled() or (task is not None and task.cancelling()):
+                    raise  # this follower itself is being cancelled
+                return await self.run(key, owner, load)
+            except Exception as error:
+                return Outcome(None, error, leader=False, owner=leader_owner)
+            return Outcome(value, None, leader=False, owner=leader_owner)
+        future = loop.create_future()
+        self._calls[slot] = (future, owner)
+        try:
+            value = await load()
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as error:
+            future.set_exception(error)
+            future.exception()  # retrieved: no "never retrieved" warning without followers
+            raise
+        else:
+            future.set_result(value)
+        finally:
+            if self._calls.get(slot, (None,))[0] is future:
+                del self._calls[slot]
+        return Outcome(value, None, leader=True, owner=owner)

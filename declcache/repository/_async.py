@@ -1,0 +1,399 @@
+"""``SQLAlchemyAsyncRepository``: the repository methods over an ``AsyncSession``.
+
+The same plans as the sync repository (:mod:`declcache.repository._base`), run without
+blocking the event loop:
+
+* a backend that does I/O (``manager.blocking``) is only called from a worker thread;
+* a read-through runs the manager in a worker thread, and the manager's database loader
+  hops back to the loop to run the query on the ``AsyncSession``;
+* concurrent reads of one key await the leader's future (singleflight), so ``asyncio.gather``
+  over one session makes one query; the queries one repository's session runs for the cache
+  are serialized, as an ``AsyncSession`` cannot run two at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from declcache._api import Lookup
+from declcache._singleflight import AsyncFlights
+from declcache.repository._base import CachedRead, ModelT, RepositoryBase, _found
+
+if TYPE_CHECKING:
+    import builtins
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+    from sqlalchemy import Select
+    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.orm import Session
+
+    from declcache._manager import CacheManager
+
+__all__ = ["SQLAlchemyAsyncRepository"]
+
+logger = logging.getLogger("declcache.repository")
+
+_FLIGHTS = AsyncFlights()
+_query_locks: weakref.WeakKeyDictionary[Session, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+@contextlib.asynccontextmanager
+async def _held(mutex: Any) -> AsyncIterator[None]:
+    """Hold a backend mutex, taken and released in worker threads."""
+    try:
+        acquired = bool(await asyncio.to_thread(mutex.acquire, True))
+    except Exception as error:
+        logger.warning("distributed fill lock unavailable, filling without it: %r", error)
+        acquired = False
+    try:
+        yield
+    finally:
+        if acquired:
+            try:
+                await asyncio.to_thread(mutex.release)
+            except Exception as error:  # e.g. it expired (lock_timeout) while we loaded
+                logger.debug("distributed fill lock release failed: %r", error)
+
+
+class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
+    """Reads through the cache, writes through the ``AsyncSession``; never blocks the loop.
+
+    Args:
+        session: the ``AsyncSession`` to use.
+        cache_manager: the manager to read through; default: ``session.info["cache_manager"]``
+            (set by the config objects). ``None`` there too: no caching.
+        auto_expunge: detach returned instances from the session.
+        auto_refresh: refresh instances after ``add`` and ``update``.
+        auto_commit: commit after writes (else flush).
+
+    Instances served from the cache are detached, with every column loaded; relationships are
+    not cached (``await session.merge(obj, load=False)`` re-attaches one without a query).
+    """
+
+    def __init__(
+        self,
+        *,
+        session: AsyncSession,
+        cache_manager: CacheManager | None = None,
+        auto_expunge: bool = False,
+        auto_refresh: bool = True,
+        auto_commit: bool = False,
+    ) -> None:
+        self.session = session
+        super().__init__(
+            session.sync_session,
+            cache_manager=cache_manager,
+            auto_expunge=auto_expunge,
+            auto_refresh=auto_refresh,
+            auto_commit=auto_commit,
+        )
+
+    # -- entity reads ------------------------------------------------------------------------
+
+    async def get(
+        self, item_id: Any, *, use_cache: bool = True, auto_expunge: bool | None = None
+    ) -> ModelT:
+        """The instance with primary key ``item_id`` (a tuple for a composite key).
+
+        Raises:
+            NotFoundError: there is no such row.
+        """
+        manager = self._cache_for(use_cache)
+        if manager is None:
+            item = await self.session.get(self.model_type, item_id)
+        else:
+            item = await self._read_entity(manager, item_id)
+        found = self.check_not_found(item, item_id)
+        self._expunge([found], auto_expunge)
+        return found
+
+    async def get_many(
+        self, item_ids: Sequence[Any], *, use_cache: bool = True, auto_expunge: bool | None = None
+    ) -> builtins.list[ModelT | None]:
+        """Instances for ``item_ids`` in that order, ``None`` where there is no row.
+
+        One backend round trip, and one query for everything the cache did not answer.
+        """
+        idents = list(item_ids)
+        if not idents:
+            return []
+        manager = self._cache_for(use_cache)
+        if manager is None:
+            loaded = await self._all(self._many_statement(idents, reload=False))
+            items = self._in_order(idents, loaded)
+        else:
+            items = await self._load_many(manager, idents)
+        self._expunge(items, auto_expunge)
+        return items
+
+    async def _load_many(
+        self, manager: CacheManager, idents: builtins.list[Any]
+    ) -> builtins.list[Any]:
+        if not manager.blocking:  # all hits need no thread
+            cached = manager.get_many(self.model_type, idents)
+            if all(result is not Lookup.MISS for result in cached):
+                return [_found(result) for result in cached]
+        loop = asyncio.get_running_loop()
+
+        def loader(missing: builtins.list[Any]) -> builtins.list[Any]:
+            statement = self._many_statement(missing, reload=True)
+            loaded: builtins.list[Any] = self._on_loop(
+                loop, lambda: self._locked(self._all(statement))
+            )
+            return loaded
+
+        items: builtins.list[Any] = await asyncio.to_thread(
+            manager.load_many, self.model_type, idents, loader
+        )
+        return items
+
+    async def get_one(
+        self,
+        *filters: Any,
+        use_cache: bool = True,
+        auto_expunge: bool | None = None,
+        **fields: Any,
+    ) -> ModelT:
+        """The one instance matching; from the cache when ``fields`` are exactly a key.
+
+        Raises:
+            NotFoundError: no row matches.
+        """
+        item = await self.get_one_or_none(
+            *filters, use_cache=use_cache, auto_expunge=auto_expunge, **fields
+        )
+        return self.check_not_found(item, fields or None)
+
+    async def get_one_or_none(
+        self,
+        *filters: Any,
+        use_cache: bool = True,
+        auto_expunge: bool | None = None,
+        **fields: Any,
+    ) -> ModelT | None:
+        """The one instance matching, or ``None``.
+
+        Served from the cache when there are no ``filters`` and ``fields`` are exactly the
+        primary key or a ``key_fields`` set of the model; otherwise a query.
+        """
+        manager = self._cache_for(use_cache)
+        ident = None if manager is None else self._key_ident(manager, filters, fields)
+        item: ModelT | None
+        if manager is not None and ident is not None:
+            item = await self._read_entity(manager, ident)
+        else:
+            result = await self.session.execute(self._select(filters, fields))
+            item = result.scalars().one_or_none()
+        self._expunge([item], auto_expunge)
+        return item
+
+    async def _read_entity(self, manager: CacheManager, ident: Any) -> Any:
+        statement = self._entity_statement(ident)
+
+        async def query() -> Any:
+            result = await self.session.execute(statement)
+            return result.scalars().one_or_none()
+
+        return await self._run(self._entity_read(manager, ident), query)
+
+    # -- queries -----------------------------------------------------------------------------
+
+    async def list(
+        self,
+        *filters: Any,
+        order_by: Any = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        use_cache: bool = True,
+        auto_expunge: bool | None = None,
+        **fields: Any,
+    ) -> builtins.list[ModelT]:
+        """Instances matching ``filters`` and ``fields``; cached under the model's list version."""
+        statement = self._list_statement(filters, fields, order_by, limit, offset)
+        items: builtins.list[ModelT] = await self._cached_query("list", statement, use_cache)
+        self._expunge(items, auto_expunge)
+        return items
+
+    async def list_and_count(
+        self,
+        *filters: Any,
+        order_by: Any = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        use_cache: bool = True,
+        auto_expunge: bool | None = None,
+        **fields: Any,
+    ) -> tuple[builtins.list[ModelT], int]:
+        """:meth:`list`, and how many rows match without ``limit`` and ``offset``."""
+        items = await self.list(
+            *filters,
+            order_by=order_by,
+            limit=limit,
+            offset=offset,
+            use_cache=use_cache,
+            auto_expunge=auto_expunge,
+            **fields,
+        )
+        return items, await self.count(*filters, use_cache=use_cache, **fields)
+
+    async def count(self, *filters: Any, use_cache: bool = True, **fields: Any) -> int:
+        """How many rows match; cached under the model's list version."""
+        statement = self._count_statement(filters, fields)
+        counted: int = await self._cached_query("count", statement, use_cache)
+        return counted
+
+    async def exists(self, *filters: Any, use_cache: bool = True, **fields: Any) -> bool:
+        """Whether a row matches; cached under the model's list version."""
+        statement = self._exists_statement(filters, fields)
+        return bool(await self._cached_query("exists", statement, use_cache))
+
+    async def _cached_query(self, kind: str, statement: Select[Any], use_cache: bool) -> Any:
+        manager = self._cache_for(use_cache)
+        read = None if manager is None else self._query_read(manager, kind, statement)
+        if read is None:
+            return await self._query(kind, statement, reload=False)
+        return await self._run(read, lambda: self._query(kind, statement, reload=True))
+
+    async def _query(self, kind: str, statement: Select[Any], *, reload: bool) -> Any:
+        if kind == "list":
+            return await self._all(statement.execution_options(populate_existing=reload))
+        value = (await self.session.execute(statement)).scalar()
+        return int(value or 0)
+
+    async def _all(self, statement: Select[Any]) -> builtins.list[Any]:
+        return list((await self.session.execute(statement)).scalars().all())
+
+    # -- running a cached read ---------------------------------------------------------------
+
+    async def _run(self, read: CachedRead, query: Callable[[], Awaitable[Any]]) -> Any:
+        """Run a planned read: singleflight on this loop, the fill lock across processes."""
+        loop = asyncio.get_running_loop()
+
+        def loader() -> Any:  # runs in the manager's worker thread
+            return self._on_loop(loop, lambda: self._locked(query()))
+
+        async def lead() -> Any:
+            mutex = read.mutex()
+            if mutex is None and read.blocking:
+                return await asyncio.to_thread(read.load, loader)
+            found = await asyncio.to_thread(read.lookup) if read.blocking else read.lookup()
+            if found is not Lookup.MISS:
+                return found
+            if mutex is None:
+                return await asyncio.to_thread(read.load, loader)
+            async with _held(mutex):
+                return await asyncio.to_thread(read.load, loader)
+
+        if read.flight_key is None:
+            return await lead()
+        outcome = await _FLIGHTS.run(read.flight_key, self._sync_session, lead)
+        if self._reusable(outcome):
+            return outcome.result()
+        return await asyncio.to_thread(read.load, loader)  # the leader filled the cache
+
+    @staticmethod
+    def _on_loop(loop: asyncio.AbstractEventLoop, make: Callable[[], Awaitable[Any]]) -> Any:
+        """From a worker thread: run ``make()`` on ``loop`` and wait for its result."""
+
+        async def run() -> Any:
+            return await make()
+
+        return asyncio.run_coroutine_threadsafe(run(), loop).result()
+
+    async def _locked(self, work: Awaitable[Any]) -> Any:
+        """Await ``work`` alone on this session: an AsyncSession runs one query at a time."""
+        lock = _query_locks.get(self._sync_session)
+        if lock is None:
+            lock = _query_locks[self._sync_session] = asyncio.Lock()
+        async with lock:
+            return await work
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def add(
+        self,
+        data: ModelT,
+        *,
+        auto_commit: bool | None = None,
+        auto_expunge: bool | None = None,
+        auto_refresh: bool | None = None,
+    ) -> ModelT:
+        """Add ``data``; flush, or commit with ``auto_commit``."""
+        self.session.add(data)
+        await self._flush_or_commit(auto_commit)
+        await self._refresh(data, auto_refresh)
+        self._expunge([data], auto_expunge)
+        return data
+
+    async def add_many(
+        self,
+        data: Sequence[ModelT],
+        *,
+        auto_commit: bool | None = None,
+        auto_expunge: bool | None = None,
+    ) -> builtins.list[ModelT]:
+        """Add every instance of ``data``; flush, or commit with ``auto_commit``."""
+        items = list(data)
+        self.session.add_all(items)
+        await self._flush_or_commit(auto_commit)
+        self._expunge(items, auto_expunge)
+        return items
+
+    async def update(
+        self,
+        data: ModelT,
+        *,
+        auto_commit: bool | None = None,
+        auto_expunge: bool | None = None,
+        auto_refresh: bool | None = None,
+    ) -> ModelT:
+        """Merge ``data`` (attached, or detached — e.g. from the cache) and write its changes."""
+        item = await self.session.merge(data)
+        await self._flush_or_commit(auto_commit)
+        await self._refresh(item, auto_refresh)
+        self._expunge([item], auto_expunge)
+        return item
+
+    async def delete(
+        self, item_id: Any, *, auto_commit: bool | None = None, auto_expunge: bool | None = None
+    ) -> ModelT:
+        """Delete the row with primary key ``item_id`` and return its instance.
+
+        Raises:
+            NotFoundError: there is no such row.
+        """
+        item = self.check_not_found(await self.session.get(self.model_type, item_id), item_id)
+        await self.session.delete(item)
+        await self._flush_or_commit(auto_commit)
+        self._expunge([item], auto_expunge)
+        return item
+
+    async def delete_many(
+        self,
+        item_ids: Sequence[Any],
+        *,
+        auto_commit: bool | None = None,
+        auto_expunge: bool | None = None,
+    ) -> builtins.list[ModelT]:
+        """Delete the rows of ``item_ids`` (one SELECT for all) and return their instances."""
+        idents = list(item_ids)
+        items = await self._all(self._many_statement(idents, reload=False)) if idents else []
+        for item in items:
+            await self.session.delete(item)
+        await self._flush_or_commit(auto_commit)
+        self._expunge(items, auto_expunge)
+        return items
+
+    async def _flush_or_commit(self, auto_commit: bool | None) -> None:
+        if self._flag(auto_commit, self.auto_commit):
+            await self.session.commit()
+        else:
+            await self.session.flush()
+
+    async def _refresh(self, item: ModelT, auto_refresh: bool | None) -> None:
+        if self._flag(auto_refresh, self.auto_refresh):
+            await self.session.refresh(item)

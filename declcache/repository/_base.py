@@ -1,0 +1,345 @@
+"""What the sync and async repositories share: statements, idents, cache policy. No I/O.
+
+The two repositories are thin layers over :class:`RepositoryBase`, the way httpx's ``Client``
+and ``AsyncClient`` share ``BaseClient``: this module decides *what* to run and *whether* the
+cache may answer; ``_sync`` and ``_async`` only run it.
+
+When the cache is used (see :meth:`RepositoryBase._cache_for`):
+
+* only for models the manager caches, and unless ``use_cache=False``;
+* never while the session holds changes to the model — pending, or flushed and not yet
+  committed. The cache holds committed rows only: such a session reads the database (and
+  sees its own writes), and never fills the cache with rows another transaction cannot see.
+
+A database read on the cached path reloads the row (``populate_existing``): an instance the
+session loaded earlier must not put its older state into the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from sqlalchemy import ColumnElement, Select, func, inspect, literal, select, tuple_
+
+from declcache._api import Ident, Lookup
+from declcache._invalidation import _FRAMES_KEY, SESSION_MANAGER_KEY
+from declcache._keys import normalized
+from declcache.exceptions import NotFoundError
+from declcache.repository._statement_key import query_key
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Dialect
+    from sqlalchemy.orm import Mapper, Session
+    from sqlalchemy.sql.selectable import TableClause
+
+    from declcache._manager import CacheManager
+    from declcache._meta import ModelSpec
+    from declcache._singleflight import Outcome
+
+__all__ = ["CachedRead", "ModelT", "RepositoryBase"]
+
+logger = logging.getLogger("declcache.repository")
+
+ModelT = TypeVar("ModelT")
+
+_specs: weakref.WeakKeyDictionary[CacheManager, dict[type, ModelSpec | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _spec(manager: CacheManager, model: type) -> ModelSpec | None:
+    """The manager's resolved spec of ``model``, resolved once per manager."""
+    per_manager = _specs.setdefault(manager, {})
+    if model not in per_manager:
+        per_manager[model] = manager.spec(model)
+    return per_manager[model]
+
+
+def _found(result: Any) -> Any:
+    """A manager lookup result as the repository returns it: ``NOT_FOUND`` becomes ``None``."""
+    return None if result is Lookup.NOT_FOUND else result
+
+
+@dataclass(frozen=True)
+class CachedRead:
+    """One read-through, planned: what the sync and async layers run, in this order.
+
+    The leader of :attr:`flight_key` takes :attr:`mutex` (if any) after a :attr:`lookup`
+    miss, then runs :attr:`load` with a database loader; the manager fills the cache.
+
+    Attributes:
+        flight_key: names the read for singleflight; ``None`` when it cannot be named.
+        lookup: the cached value, or ``Lookup.MISS``; loads and fills nothing.
+        load: ``load(loader)``: the cached value, else ``loader()``'s, filled in the cache.
+        mutex: the backend's distributed fill lock, or ``None``.
+        blocking: whether the backend does I/O (async callers use a thread).
+    """
+
+    flight_key: Hashable | None
+    lookup: Callable[[], Any]
+    load: Callable[[Callable[..., Any]], Any]
+    mutex: Callable[[], Any]
+    blocking: bool
+
+
+class RepositoryBase(Generic[ModelT]):
+    """State and planning common to the sync and async repositories.
+
+    Subclasses set ``model_type`` to the mapped class they serve.
+    """
+
+    model_type: type[ModelT]
+
+    def __init__(
+        self,
+        sync_session: Session,
+        *,
+        cache_manager: CacheManager | None,
+        auto_expunge: bool,
+        auto_refresh: bool,
+        auto_commit: bool,
+    ) -> None:
+        model = getattr(type(self), "model_type", None)
+        if not isinstance(model, type):
+            raise TypeError(f"{type(self).__name__} must set model_type to a mapped class")
+        self.auto_expunge = auto_expunge
+        self.auto_refresh = auto_refresh
+        self.auto_commit = auto_commit
+        self._sync_session = sync_session
+        self._mapper: Mapper[Any] = inspect(model)
+        self._pk_columns = list(self._mapper.primary_key)
+        self._pk_names = tuple(
+            self._mapper.get_property_by_column(column).key for column in self._pk_columns
+        )
+        self._dialect: Dialect | None = None
+        self._manager = self._attach_manager(sync_session, cache_manager)
+
+    @staticmethod
+    def _attach_manager(session: Session, explicit: CacheManager | None) -> CacheManager | None:
+        """The manager to use: the one passed, else the session's.
+
+        A manager passed explicitly is also recorded in ``session.info`` when the session
+        names none, so the session listeners invalidate what this session commits.
+        """
+        named: CacheManager | None = session.info.get(SESSION_MANAGER_KEY)
+        if explicit is None:
+            return named
+        if named is None:
+            session.info[SESSION_MANAGER_KEY] = explicit
+        elif named is not explicit:
+            logger.warning(
+                "the repository's cache_manager is not the session's: commits of this "
+                "session invalidate the session's manager only"
+            )
+        return explicit
+
+    @property
+    def cache_manager(self) -> CacheManager | None:
+        """The manager this repository reads through, if any."""
+        return self._manager
+
+    # -- policy ----------------------------------------------------------------------------
+
+    def _cache_for(self, use_cache: bool) -> CacheManager | None:
+        """The manager when the cache may answer this read (see the module doc), else ``None``."""
+        manager = self._manager
+        if not use_cache or manager is None or not manager.is_cached(self.model_type):
+            return None
+        if self._is_writing():
+            logger.debug("%s read from the database: this session is writing it", self._name)
+            return None
+        return manager
+
+    def _is_writing(self) -> bool:
+        """Whether the session holds pending or flushed, uncommitted changes to the model."""
+        session, model = self._sync_session, self.model_type
+        for items in (session.new, session.dirty, session.deleted):
+            if any(isinstance(item, model) for item in items):
+                return True
+        for frame in session.info.get(_FRAMES_KEY, ()):
+            changes: Mapping[type, Any] = frame[1]
+            if any(issubclass(m, model) or issubclass(model, m) for m in changes):
+                return True
+        return False
+
+    @staticmethod
+    def _flag(value: bool | None, default: bool) -> bool:
+        return default if value is None else value
+
+    @property
+    def _name(self) -> str:
+        return self.model_type.__name__
+
+    # -- idents and entity reads -------------------------------------------------------------
+
+    def _ident_where(self, ident: Ident) -> list[ColumnElement[bool]]:
+        if isinstance(ident, Mapping):
+            return [getattr(self.model_type, name) == value for name, value in ident.items()]
+        values = ident if isinstance(ident, tuple) else (ident,)
+        if len(values) != len(self._pk_columns):
+            raise ValueError(
+                f"{self._name} has a primary key of {len(self._pk_columns)} columns, got {ident!r}"
+            )
+        return [column == value for column, value in zip(self._pk_columns, values, strict=True)]
+
+    def _entity_statement(self, ident: Ident) -> Select[Any]:
+        """One row by key, reloaded even if the session holds it (see the module doc)."""
+        return (
+            select(self.model_type)
+            .where(*self._ident_where(ident))
+            .execution_options(populate_existing=True)
+        )
+
+    def _many_statement(self, idents: Sequence[Ident], *, reload: bool) -> Select[Any]:
+        """All rows of ``idents`` (primary keys) in one query."""
+        tuples = [ident if isinstance(ident, tuple) else (ident,) for ident in idents]
+        if len(self._pk_columns) == 1:
+            where = self._pk_columns[0].in_([values[0] for values in tuples])
+        else:
+            where = tuple_(*self._pk_columns).in_(tuples)
+        statement = select(self.model_type).where(where)
+        return statement.execution_options(populate_existing=True) if reload else statement
+
+    def _key_ident(
+        self, manager: CacheManager, filters: Sequence[Any], fields: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """``fields`` as a cache ident when they are exactly a key of the model, else ``None``."""
+        if filters or not fields or any(value is None for value in fields.values()):
+            return None
+        spec = _spec(manager, self.model_type)
+        if spec is None or not any(set(keys) == set(fields) for keys in spec.key_fields):
+            return None
+        return dict(fields)
+
+    def _entity_flight_key(self, manager: CacheManager, ident: Ident) -> Hashable | None:
+        if isinstance(ident, Mapping):
+            names = tuple(sorted(ident))
+            values: Sequence[Any] = [ident[name] for name in names]
+        else:
+            names = self._pk_names
+            values = ident if isinstance(ident, tuple) else (ident,)
+        try:
+            return (manager, self.model_type, names, normalized(self._mapper, names, values))
+        except (ValueError, TypeError, KeyError):
+            return None
+
+    def _entity_read(self, manager: CacheManager, ident: Ident) -> CachedRead:
+        model = self.model_type
+        return CachedRead(
+            flight_key=self._entity_flight_key(manager, ident),
+            lookup=lambda: _found(manager.get(model, ident)),
+            load=lambda loader: manager.load(model, ident, loader),
+            mutex=lambda: manager.fill_mutex(model, ident),
+            blocking=manager.blocking,
+        )
+
+    def _in_order(self, idents: Sequence[Ident], loaded: Iterable[ModelT]) -> list[ModelT | None]:
+        """``loaded`` instances in the order of ``idents`` (primary keys), ``None`` for gaps."""
+        by_key: dict[tuple[str, ...], ModelT] = {}
+        for item in loaded:
+            values = self._mapper.primary_key_from_instance(item)
+            by_key[normalized(self._mapper, self._pk_names, values)] = item
+        ordered: list[ModelT | None] = []
+        for ident in idents:
+            values = ident if isinstance(ident, tuple) else (ident,)
+            try:
+                ordered.append(by_key.get(normalized(self._mapper, self._pk_names, values)))
+            except (ValueError, TypeError):
+                ordered.append(None)
+        return ordered
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def _select(self, filters: Sequence[Any], fields: Mapping[str, Any]) -> Select[Any]:
+        return select(self.model_type).where(*filters).filter_by(**fields)
+
+    def _list_statement(
+        self,
+        filters: Sequence[Any],
+        fields: Mapping[str, Any],
+        order_by: Any,
+        limit: int | None,
+        offset: int | None,
+    ) -> Select[Any]:
+        statement = self._select(filters, fields)
+        if order_by is not None:
+            columns = order_by if isinstance(order_by, (list, tuple)) else [order_by]
+            statement = statement.order_by(*columns)
+        if limit is not None:
+            statement = statement.limit(limit)
+        if offset is not None:
+            statement = statement.offset(offset)
+        return statement
+
+    def _count_statement(self, filters: Sequence[Any], fields: Mapping[str, Any]) -> Select[Any]:
+        return select(func.count()).select_from(self.model_type).where(*filters).filter_by(**fields)
+
+    def _exists_statement(self, filters: Sequence[Any], fields: Mapping[str, Any]) -> Select[Any]:
+        return (
+            select(literal(1))
+            .select_from(self.model_type)
+            .where(*filters)
+            .filter_by(**fields)
+            .limit(1)
+        )
+
+    def _query_read(
+        self, manager: CacheManager, kind: str, statement: Select[Any]
+    ) -> CachedRead | None:
+        """The read-through of a query result, or ``None`` when the query cannot be keyed."""
+        key = query_key(kind, statement, self._get_dialect(), self._tables)
+        if key is None:
+            return None
+        model = self.model_type
+        return CachedRead(
+            flight_key=(manager, model, key),
+            lookup=lambda: manager.get_list(model, key),
+            load=lambda loader: manager.load_list(model, key, loader),
+            mutex=lambda: manager.fill_mutex(model, query_key=key),
+            blocking=manager.blocking,
+        )
+
+    def _get_dialect(self) -> Dialect:
+        if self._dialect is None:
+            self._dialect = self._sync_session.get_bind(mapper=self._mapper).dialect
+        return self._dialect
+
+    @property
+    def _tables(self) -> frozenset[TableClause]:
+        """The tables whose changes reach this model's list version."""
+        return frozenset(
+            table for mapper in self._mapper.self_and_descendants for table in mapper.tables
+        )
+
+    # -- results -----------------------------------------------------------------------------
+
+    def _reusable(self, outcome: Outcome[Any]) -> bool:
+        """Whether a singleflight follower may return the leader's result as it is.
+
+        Instances belong to the leader's session: another session's follower reads the
+        cache the leader filled instead. ``None`` (no row) and counts belong to nobody.
+        """
+        if outcome.leader or outcome.owner is self._sync_session:
+            return True
+        value = outcome.value
+        return outcome.error is None and (value is None or isinstance(value, int))
+
+    def _expunge(self, items: Iterable[Any], auto_expunge: bool | None) -> None:
+        """Detach ``items`` the session holds, when auto-expunge is on."""
+        if not self._flag(auto_expunge, self.auto_expunge):
+            return
+        session = self._sync_session
+        for item in items:
+            if item is not None and item in session:
+                session.expunge(item)
+
+    def check_not_found(self, item: ModelT | None, ident: Any = None) -> ModelT:
+        """Return ``item``, or raise :class:`~declcache.exceptions.NotFoundError` if ``None``."""
+        if item is None:
+            named = "" if ident is None else f" for {ident!r}"
+            raise NotFoundError(f"no {self._name} found{named}")
+        return item

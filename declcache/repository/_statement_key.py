@@ -1,0 +1,151 @@
+"""The cache key of a query: a hash of its SQL, compiled for the dialect, and its parameters.
+
+Pure, no I/O. A cached list is dropped whenever its model's list version changes, so a query
+may only be cached when that version covers every input of its result. A statement is not
+cached (and a debug log says why) when:
+
+* it reads a table outside its model's tables (another model's changes would not reach it);
+* it holds textual SQL (the tables that text reads are unknown);
+* it calls a function whose result changes by itself (``now()``, ``random()``…);
+* a bound parameter has no stable text (an object whose ``repr`` is its memory address):
+  two equal queries would get two keys, or two different ones the same key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import enum
+import hashlib
+import logging
+import uuid
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.sql.selectable import Alias, TableClause
+from sqlalchemy.sql.util import find_tables
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Dialect
+    from sqlalchemy.sql import ClauseElement
+
+__all__ = ["VOLATILE_FUNCTIONS", "query_key"]
+
+logger = logging.getLogger("declcache.repository")
+
+#: SQL functions whose result changes between two runs of one statement.
+VOLATILE_FUNCTIONS = frozenset(
+    {
+        "now",
+        "random",
+        "rand",
+        "current_timestamp",
+        "current_date",
+        "current_time",
+        "localtime",
+        "localtimestamp",
+        "sysdate",
+        "clock_timestamp",
+        "statement_timestamp",
+        "transaction_timestamp",
+        "timeofday",
+        "gen_random_uuid",
+        "uuid_generate_v4",
+        "nextval",
+    }
+)
+
+_PLAIN = (
+    type(None),
+    bool,
+    int,
+    float,
+    str,
+    bytes,
+    decimal.Decimal,
+    dt.datetime,
+    dt.date,
+    dt.time,
+    dt.timedelta,
+    uuid.UUID,
+)
+
+
+class UnkeyableError(ValueError):
+    """Why a statement gets no cache key."""
+
+
+def _stable_text(value: Any) -> str:
+    """Text equal for equal values and distinct for distinct ones, or :class:`UnkeyableError`."""
+    if isinstance(value, enum.Enum):
+        return f"{type(value).__module__}.{type(value).__qualname__}.{value.name}"
+    if isinstance(value, _PLAIN):
+        text = repr(value)
+        if " at 0x" in text:  # e.g. a datetime whose tzinfo has no repr of its own
+            raise UnkeyableError(f"{text} has no stable text")
+        return text
+    if isinstance(value, (list, tuple)):
+        inner = ",".join(_stable_text(item) for item in value)
+        return f"{type(value).__name__}[{inner}]"
+    if isinstance(value, (set, frozenset)):
+        return "set[" + ",".join(sorted(_stable_text(item) for item in value)) + "]"
+    if isinstance(value, Mapping):
+        items = sorted(f"{_stable_text(k)}:{_stable_text(v)}" for k, v in value.items())
+        return "map{" + ",".join(items) + "}"
+    raise UnkeyableError(f"a bound {type(value).__qualname__} value has no stable text")
+
+
+def _read_tables(statement: ClauseElement) -> set[TableClause]:
+    tables: set[TableClause] = set()
+    for found in find_tables(statement, check_columns=True, include_aliases=True):
+        element: Any = found
+        while isinstance(element, Alias):
+            element = element.element
+        if isinstance(element, TableClause):
+            tables.add(element)
+    return tables
+
+
+def _check_inputs(statement: ClauseElement, tables: frozenset[TableClause]) -> None:
+    for element in visitors.iterate(statement):
+        if isinstance(element, TextClause):
+            raise UnkeyableError("it holds textual SQL, whose tables are unknown")
+        if isinstance(element, FunctionElement):
+            name = getattr(element, "name", "").lower()
+            if name in VOLATILE_FUNCTIONS:
+                raise UnkeyableError(f"{name}() changes between two runs")
+    foreign = sorted(table.name for table in _read_tables(statement) - tables)
+    if foreign:
+        raise UnkeyableError(
+            f"it reads {', '.join(foreign)}, whose changes do not reach this model's lists"
+        )
+
+
+def query_key(
+    kind: str, statement: ClauseElement, dialect: Dialect, tables: frozenset[TableClause]
+) -> str | None:
+    """``kind`` plus a hash of ``statement``'s SQL and parameters; ``None`` if not cacheable.
+
+    Args:
+        kind: what the cached result is (``"list"``, ``"count"``, ``"exists"``).
+        statement: the statement the repository runs.
+        dialect: the dialect it runs on (the SQL text depends on it).
+        tables: the tables the model's list version covers.
+    """
+    try:
+        _check_inputs(statement, tables)
+        compiled = statement.compile(dialect=dialect)
+        params = ";".join(
+            f"{name}={_stable_text(value)}" for name, value in sorted(compiled.params.items())
+        )
+    except UnkeyableError as reason:
+        logger.debug("query not cached: %s: %s", reason, statement)
+        return None
+    except Exception as error:  # a statement this dialect cannot compile offline
+        logger.debug("query not cached: it does not compile (%r): %s", error, statement)
+        return None
+    text = f"{dialect.name}\n{compiled.string}\n{params}"
+    return f"{kind}:{hashlib.sha256(text.encode()).hexdigest()[:32]}"

@@ -1,0 +1,345 @@
+"""``SQLAlchemySyncRepository``: the repository methods over a ``Session``.
+
+A thin layer over :mod:`declcache.repository._base`, which plans every read; this module runs
+the plans with the session and the manager, and coordinates threads (singleflight) and
+processes (the backend's distributed lock, when configured).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from declcache._api import Lookup
+from declcache._singleflight import ThreadFlights
+from declcache.repository._base import CachedRead, ModelT, RepositoryBase
+
+if TYPE_CHECKING:
+    import builtins
+    from collections.abc import Callable, Iterator, Sequence
+
+    from sqlalchemy import Select
+    from sqlalchemy.orm import Session
+
+    from declcache._manager import CacheManager
+
+__all__ = ["SQLAlchemySyncRepository"]
+
+logger = logging.getLogger("declcache.repository")
+
+_FLIGHTS = ThreadFlights()
+
+
+@contextlib.contextmanager
+def _held(mutex: Any) -> Iterator[None]:
+    """Hold a backend mutex; a backend that fails to lock costs the lock, not the read."""
+    try:
+        acquired = bool(mutex.acquire(True))
+    except Exception as error:
+        logger.warning("distributed fill lock unavailable, filling without it: %r", error)
+        acquired = False
+    try:
+        yield
+    finally:
+        if acquired:
+            try:
+                mutex.release()
+            except Exception as error:  # e.g. it expired (lock_timeout) while we loaded
+                logger.debug("distributed fill lock release failed: %r", error)
+
+
+class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
+    """Reads through the cache, writes through the session.
+
+    Args:
+        session: the session to use.
+        cache_manager: the manager to read through; default: ``session.info["cache_manager"]``
+            (set by the config objects). ``None`` there too: no caching.
+        auto_expunge: detach returned instances from the session.
+        auto_refresh: refresh instances after ``add`` and ``update``.
+        auto_commit: commit after writes (else flush).
+
+    Instances served from the cache are detached, with every column loaded; relationships are
+    not cached (``session.merge(obj, load=False)`` re-attaches one without a query).
+    """
+
+    def __init__(
+        self,
+        *,
+        session: Session,
+        cache_manager: CacheManager | None = None,
+        auto_expunge: bool = False,
+        auto_refresh: bool = True,
+        auto_commit: bool = False,
+    ) -> None:
+        self.session = session
+        super().__init__(
+            session,
+            cache_manager=cache_manager,
+            auto_expunge=auto_expunge,
+            auto_refresh=auto_refresh,
+            auto_commit=auto_commit,
+        )
+
+    # -- entity reads ------------------------------------------------------------------------
+
+    def get(
+        self, item_id: Any, *, use_cache: bool = True, auto_expunge: bool | None = None
+    ) -> ModelT:
+        """The instance with primary key ``item_id`` (a tuple for a composite key).
+
+        Raises:
+            NotFoundError: there is no such row.
+        """
+        manager = self._cache_for(use_cache)
+        if manager is None:
+            item = self.session.get(self.model_type, item_id)
+        else:
+            item = self._read_entity(manager, item_id)
+        found = self.check_not_found(item, item_id)
+        self._expunge([found], auto_expunge)
+        return found
+
+    def get_many(
+        self, item_ids: Sequence[Any], *, use_cache: bool = True, auto_expunge: bool | None = None
+    ) -> builtins.list[ModelT | None]:
+        """Instances for ``item_ids`` in that order, ``None`` where there is no row.
+
+        One backend round trip, and one query for everything the cache did not answer.
+        """
+        idents = list(item_ids)
+        if not idents:
+            return []
+        manager = self._cache_for(use_cache)
+        if manager is None:
+            items = self._in_order(idents, self._all(self._many_statement(idents, reload=False)))
+        else:
+            statement = self._many_statement
+            items = manager.load_many(
+                self.model_type, idents, lambda missing: self._all(statement(missing, reload=True))
+            )
+        self._expunge(items, auto_expunge)
+        return items
+
+    def get_one(
+        self,
+        *filters: Any,
+        use_cache: bool = True,
+        auto_expunge: bool | None = None,
+        **fields: Any,
+    ) -> ModelT:
+        """The one instance matching; from the cache when ``fields`` are exactly a key.
+
+        Raises:
+            NotFoundError: no row matches.
+        """
+        item = self.get_one_or_none(
+            *filters, use_cache=use_cache, auto_expunge=auto_expunge, **fields
+        )
+        return self.check_not_found(item, fields or None)
+
+    def get_one_or_none(
+        self,
+        *filters: Any,
+        use_cache: bool = True,
+        auto_expunge: bool | None = None,
+        **fields: Any,
+    ) -> ModelT | None:
+        """The one instance matching, or ``None``.
+
+        Served from the cache when there are no ``filters`` and ``fields`` are exactly the
+        primary key or a ``key_fields`` set of the model; otherwise a query.
+        """
+        manager = self._cache_for(use_cache)
+        ident = None if manager is None else self._key_ident(manager, filters, fields)
+        item: ModelT | None
+        if manager is not None and ident is not None:
+            item = self._read_entity(manager, ident)
+        else:
+            item = self.session.execute(self._select(filters, fields)).scalars().one_or_none()
+        self._expunge([item], auto_expunge)
+        return item
+
+    def _read_entity(self, manager: CacheManager, ident: Any) -> Any:
+        statement = self._entity_statement(ident)
+
+        def loader() -> Any:
+            return self.session.execute(statement).scalars().one_or_none()
+
+        return self._run(self._entity_read(manager, ident), loader)
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def list(
+        self,
+        *filters: Any,
+        order_by: Any = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        use_cache: bool = True,
+        auto_expunge: bool | None = None,
+        **fields: Any,
+    ) -> builtins.list[ModelT]:
+        """Instances matching ``filters`` and ``fields``; cached under the model's list version."""
+        statement = self._list_statement(filters, fields, order_by, limit, offset)
+        items: builtins.list[ModelT] = self._cached_query("list", statement, use_cache)
+        self._expunge(items, auto_expunge)
+        return items
+
+    def list_and_count(
+        self,
+        *filters: Any,
+        order_by: Any = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        use_cache: bool = True,
+        auto_expunge: bool | None = None,
+        **fields: Any,
+    ) -> tuple[builtins.list[ModelT], int]:
+        """:meth:`list`, and how many rows match without ``limit`` and ``offset``."""
+        items = self.list(
+            *filters,
+            order_by=order_by,
+            limit=limit,
+            offset=offset,
+            use_cache=use_cache,
+            auto_expunge=auto_expunge,
+            **fields,
+        )
+        return items, self.count(*filters, use_cache=use_cache, **fields)
+
+    def count(self, *filters: Any, use_cache: bool = True, **fields: Any) -> int:
+        """How many rows match; cached under the model's list version."""
+        statement = self._count_statement(filters, fields)
+        counted: int = self._cached_query("count", statement, use_cache)
+        return counted
+
+    def exists(self, *filters: Any, use_cache: bool = True, **fields: Any) -> bool:
+        """Whether a row matches; cached under the model's list version."""
+        statement = self._exists_statement(filters, fields)
+        return bool(self._cached_query("exists", statement, use_cache))
+
+    def _cached_query(self, kind: str, statement: Select[Any], use_cache: bool) -> Any:
+        manager = self._cache_for(use_cache)
+        read = None if manager is None else self._query_read(manager, kind, statement)
+        if read is None:
+            return self._query(kind, statement, reload=False)
+        return self._run(read, lambda: self._query(kind, statement, reload=True))
+
+    def _query(self, kind: str, statement: Select[Any], *, reload: bool) -> Any:
+        if kind == "list":
+            return self._all(statement.execution_options(populate_existing=reload))
+        value = self.session.execute(statement).scalar()
+        return int(value or 0)
+
+    def _all(self, statement: Select[Any]) -> builtins.list[Any]:
+        return list(self.session.execute(statement).scalars().all())
+
+    # -- running a cached read ---------------------------------------------------------------
+
+    def _run(self, read: CachedRead, loader: Callable[[], Any]) -> Any:
+        """Run a planned read: singleflight in this process, the fill lock across processes."""
+
+        def lead() -> Any:
+            mutex = read.mutex()
+            if mutex is None:
+                return read.load(loader)
+            found = read.lookup()
+            if found is not Lookup.MISS:
+                return found
+            with _held(mutex):
+                return read.load(loader)
+
+        if read.flight_key is None:
+            return lead()
+        outcome = _FLIGHTS.run(read.flight_key, self.session, lead)
+        if self._reusable(outcome):
+            return outcome.result()
+        return read.load(loader)  # the leader filled the cache: normally a hit
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def add(
+        self,
+        data: ModelT,
+        *,
+        auto_commit: bool | None = None,
+        auto_expunge: bool | None = None,
+        auto_refresh: bool | None = None,
+    ) -> ModelT:
+        """Add ``data``; flush, or commit with ``auto_commit``."""
+        self.session.add(data)
+        self._flush_or_commit(auto_commit)
+        self._refresh(data, auto_refresh)
+        self._expunge([data], auto_expunge)
+        return data
+
+    def add_many(
+        self,
+        data: Sequence[ModelT],
+        *,
+        auto_commit: bool | None = None,
+        auto_expunge: bool | None = None,
+    ) -> builtins.list[ModelT]:
+        """Add every instance of ``data``; flush, or commit with ``auto_commit``."""
+        items = list(data)
+        self.session.add_all(items)
+        self._flush_or_commit(auto_commit)
+        self._expunge(items, auto_expunge)
+        return items
+
+    def update(
+        self,
+        data: ModelT,
+        *,
+        auto_commit: bool | None = None,
+        auto_expunge: bool | None = None,
+        auto_refresh: bool | None = None,
+    ) -> ModelT:
+        """Merge ``data`` (attached, or detached — e.g. from the cache) and write its changes."""
+        item = self.session.merge(data)
+        self._flush_or_commit(auto_commit)
+        self._refresh(item, auto_refresh)
+        self._expunge([item], auto_expunge)
+        return item
+
+    def delete(
+        self, item_id: Any, *, auto_commit: bool | None = None, auto_expunge: bool | None = None
+    ) -> ModelT:
+        """Delete the row with primary key ``item_id`` and return its instance.
+
+        Raises:
+            NotFoundError: there is no such row.
+        """
+        item = self.check_not_found(self.session.get(self.model_type, item_id), item_id)
+        self.session.delete(item)
+        self._flush_or_commit(auto_commit)
+        self._expunge([item], auto_expunge)
+        return item
+
+    def delete_many(
+        self,
+        item_ids: Sequence[Any],
+        *,
+        auto_commit: bool | None = None,
+        auto_expunge: bool | None = None,
+    ) -> builtins.list[ModelT]:
+        """Delete the rows of ``item_ids`` (one SELECT for all) and return their instances."""
+        idents = list(item_ids)
+        items = self._all(self._many_statement(idents, reload=False)) if idents else []
+        for item in items:
+            self.session.delete(item)
+        self._flush_or_commit(auto_commit)
+        self._expunge(items, auto_expunge)
+        return items
+
+    def _flush_or_commit(self, auto_commit: bool | None) -> None:
+        if self._flag(auto_commit, self.auto_commit):
+            self.session.commit()
+        else:
+            self.session.flush()
+
+    def _refresh(self, item: ModelT, auto_refresh: bool | None) -> None:
+        if self._flag(auto_refresh, self.auto_refresh):
+            self.session.refresh(item)

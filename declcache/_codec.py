@@ -19,6 +19,7 @@ import datetime as dt
 import decimal
 import enum
 import uuid
+import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["CODEC_VERSION", "ModelCodec", "UnencodableValueError", "cached_columns"]
 
 #: Bumped whenever an encoding below changes, so old payloads are never decoded.
-CODEC_VERSION = 1
+CODEC_VERSION = 2
 
 Encode = Callable[[Any], Any]
 Decode = Callable[[Any], Any]
@@ -51,6 +52,28 @@ def _identity(value: Any) -> Any:
 
 def _iso(value: dt.date | dt.time) -> str:
     return value.isoformat()
+
+
+def _encode_datetime(value: dt.datetime) -> str | list[str]:
+    """ISO 8601; an IANA zone also keeps its name, so DST arithmetic works after decoding."""
+    zone = value.tzinfo
+    if isinstance(zone, zoneinfo.ZoneInfo) and zone.key:
+        return [value.isoformat(), zone.key]
+    return value.isoformat()
+
+
+def _decode_datetime(value: str | list[str]) -> dt.datetime:
+    if isinstance(value, str):
+        return dt.datetime.fromisoformat(value)
+    text, key = value
+    parsed = dt.datetime.fromisoformat(text)
+    wall = parsed.replace(tzinfo=None)
+    zone = zoneinfo.ZoneInfo(key)
+    for fold in (0, 1):  # the fold whose offset is the one stored: exact even in a DST overlap
+        candidate = wall.replace(tzinfo=zone, fold=fold)
+        if candidate.utcoffset() == parsed.utcoffset():
+            return candidate
+    raise ValueError(f"{text} does not exist in time zone {key}")
 
 
 def _encode_interval(value: dt.timedelta) -> list[int]:
@@ -87,6 +110,12 @@ def _float(value: Any) -> float:
     return float(value)
 
 
+def _decimal(value: str) -> decimal.Decimal:
+    if type(value) is not str:
+        raise TypeError(f"expected a decimal string, got {type(value).__name__}")
+    return decimal.Decimal(value)
+
+
 def _uuid(value: str) -> uuid.UUID:
     return uuid.UUID(value)
 
@@ -102,7 +131,7 @@ _TAGGED: dict[type, tuple[str, Encode]] = {
     float: ("f", _identity),
     str: ("s", _identity),
     decimal.Decimal: ("d", _str_of),
-    dt.datetime: ("dt", _iso),
+    dt.datetime: ("dt", _encode_datetime),
     dt.date: ("da", _iso),
     dt.time: ("t", _iso),
     dt.timedelta: ("td", _encode_interval),
@@ -116,8 +145,8 @@ _UNTAG: dict[str, Decode] = {
     "i": _strict(int),
     "f": _float,
     "s": _strict(str),
-    "d": decimal.Decimal,
-    "dt": dt.datetime.fromisoformat,
+    "d": _decimal,
+    "dt": _decode_datetime,
     "da": dt.date.fromisoformat,
     "t": dt.time.fromisoformat,
     "td": _decode_interval,
@@ -143,7 +172,14 @@ def _decode_tagged(value: list[Any]) -> Any:
 def _enum_codec(type_: sqltypes.Enum) -> tuple[Encode, Decode]:
     enum_class = type_.enum_class
     if enum_class is None:
-        return _identity, _strict(str)
+        allowed = frozenset(type_.enums)
+
+        def decode_member(value: Any) -> str:
+            if value not in allowed:
+                raise ValueError(f"{value!r} is not one of {sorted(allowed)}")
+            return str(value)
+
+        return _identity, decode_member
     members: type[enum.Enum] = enum_class
 
     def encode(value: Any) -> str:
@@ -168,12 +204,17 @@ def _array_codec(type_: sqltypes.ARRAY[Any]) -> tuple[Encode, Decode]:
             return [decode(item) for item in value]
         return None if value is None else item_decode(value)
 
-    return encode, decode
+    def decode_array(value: Any) -> list[Any]:
+        if not isinstance(value, list):
+            raise TypeError(f"expected an array, got {type(value).__name__}")
+        return decode(value)  # type: ignore[no-any-return]
+
+    return encode, decode_array
 
 
 def _numeric_codec(type_: sqltypes.Numeric[Any]) -> tuple[Encode, Decode]:
     # ``Float`` is a ``Numeric`` too; ``asdecimal`` alone says what the driver hands back.
-    return (_str_of, decimal.Decimal) if type_.asdecimal else (_identity, _float)
+    return (_str_of, _decimal) if type_.asdecimal else (_identity, _float)
 
 
 def _codec_for(type_: TypeEngine[Any]) -> tuple[Encode, Decode]:  # noqa: PLR0912 - one flat dispatch reads best
@@ -189,7 +230,7 @@ def _codec_for(type_: TypeEngine[Any]) -> tuple[Encode, Decode]:  # noqa: PLR091
     if isinstance(type_, sqltypes.String):
         return _identity, _strict(str)
     if isinstance(type_, sqltypes.DateTime):
-        return _iso, dt.datetime.fromisoformat
+        return _encode_datetime, _decode_datetime
     if isinstance(type_, sqltypes.Date):
         return _iso, dt.date.fromisoformat
     if isinstance(type_, sqltypes.Time):
@@ -233,7 +274,7 @@ def cached_columns(mapper: Mapper[Any]) -> list[tuple[str, TypeEngine[Any]]]:
 class ModelCodec:
     """Encode one model's instances to a plain list and decode them back, detached."""
 
-    __slots__ = ("_columns", "_mapper", "_new_instance", "keys")
+    __slots__ = ("_columns", "_mapper", "_new_instance", "_primary_key", "keys")
 
     def __init__(self, mapper: Mapper[Any]) -> None:
         self._mapper = mapper
@@ -242,6 +283,7 @@ class ModelCodec:
         )
         self.keys = tuple(column.key for column in self._columns)
         self._new_instance = mapper.class_manager.new_instance
+        self._primary_key = tuple(mapper.get_property_by_column(c).key for c in mapper.primary_key)
 
     def encode(self, instance: object) -> list[Any]:
         """Return the instance's column values as plain data, in column order.
@@ -264,13 +306,21 @@ class ModelCodec:
         """Build a detached instance with its identity key from :meth:`encode`'s output.
 
         Raises:
-            ValueError, TypeError, KeyError: the data does not fit this model.
+            ValueError: the data does not fit this model.
         """
         if len(values) != len(self._columns):
             raise ValueError(f"expected {len(self._columns)} values, got {len(values)}")
         instance = self._new_instance()
         loaded = instance_state(instance).dict
         for column, value in zip(self._columns, values, strict=True):
-            loaded[column.key] = None if value is None else column.decode(value)
+            if value is None:
+                loaded[column.key] = None
+                continue
+            try:
+                loaded[column.key] = column.decode(value)
+            except Exception as error:
+                raise ValueError(f"column {column.key!r}: {error!r}") from error
+        if any(loaded.get(name) is None for name in self._primary_key):
+            raise ValueError("a payload without a primary key")
         make_transient_to_detached(instance)
         return instance

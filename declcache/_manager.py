@@ -400,44 +400,57 @@ class CacheManager:
     # -- entity reads ----------------------------------------------------------------------
 
     def _read(self, cache: _ModelCache, keys: list[str]) -> tuple[list[Any], _Ticket]:
-        """Look ``keys`` up; results are instances, ``NOT_FOUND`` or ``MISS``."""
+        """Look ``keys`` up; results are instances, ``NOT_FOUND`` or ``MISS``.
+
+        A ``key_fields`` key holds a pointer to the primary key; pointers are followed in a
+        second round trip. An entity is only returned under a key it really has: a payload
+        copied under another row's key is a foreign value, hence a miss.
+        """
         started = time.monotonic()
         raws = cache.store.get_many([cache.generation_key, *keys])
         generation = self._token(cache, cache.generation_key, raws[0])
         ticket = _Ticket(generation, dict(zip(keys, raws[1:], strict=True)), started)
-        results: list[Any] = []
-        pointers: dict[int, str] = {}
-        for index, raw in enumerate(raws[1:]):
-            parsed = cache.parse(raw, generation)
-            results.append(self._entity_result(cache, parsed, pointers, index))
+        parsed = [cache.parse(raw, generation) for raw in raws[1:]]
+        pointers = {
+            index: cache.key_of(cache.spec.primary_key, item[1])
+            for index, item in enumerate(parsed)
+            if item is not None
+            and item[0] == _POINTER
+            and len(item[1]) == len(cache.spec.primary_key)
+        }
         if pointers:
             targets = list(dict.fromkeys(pointers.values()))
             target_raws = cache.store.get_many(targets)
             ticket.observed.update(zip(targets, target_raws, strict=True))
             found = dict(zip(targets, target_raws, strict=True))
             for index, target in pointers.items():
-                parsed = cache.parse(found[target], generation)
-                kind_ok = parsed is not None and parsed[0] == _ENTITY
-                results[index] = cache.decode_entity(parsed[1]) if kind_ok else Lookup.MISS  # type: ignore[index]
-        return results, ticket
+                item = cache.parse(found[target], generation)
+                parsed[index] = item if item is not None and item[0] == _ENTITY else None
+        return [
+            self._entity_result(cache, key, item) for key, item in zip(keys, parsed, strict=True)
+        ], ticket
 
     @staticmethod
-    def _entity_result(
-        cache: _ModelCache,
-        parsed: tuple[str, list[Any]] | None,
-        pointers: dict[int, str],
-        index: int,
-    ) -> Any:
+    def _entity_result(cache: _ModelCache, key: str, parsed: tuple[str, list[Any]] | None) -> Any:
         if parsed is None:
             return Lookup.MISS
         kind, body = parsed
-        if kind == _ENTITY:
-            return cache.decode_entity(body)
         if kind == _NOT_FOUND:
             return Lookup.NOT_FOUND
-        if kind == _POINTER:
-            pointers[index] = cache.key_of(cache.spec.primary_key, body)
-        return Lookup.MISS
+        if kind == _POINTER:  # a pointer that did not lead to an entity
+            return Lookup.MISS
+        if kind != _ENTITY:
+            cache.counters.add("errors")
+            logger.warning("%s: ignoring a cache payload of unknown kind %r", cache.name, kind)
+            return Lookup.MISS
+        instance = cache.decode_entity(body)
+        if instance is not Lookup.MISS and key not in cache.entity_keys(instance).values():
+            cache.counters.add("errors")
+            logger.warning(
+                "%s: ignoring a cache payload that does not belong to %s", cache.name, key
+            )
+            return Lookup.MISS
+        return instance
 
     def get(self, model: type, ident: Ident) -> Any:
         """The cached entity ``ident`` names, :attr:`Lookup.NOT_FOUND`, or :attr:`Lookup.MISS`.

@@ -196,11 +196,63 @@ class MemcachedStore:
         self._backend.client.delete_many(list(keys), noreply=False)
 
 
-class SerializedStore:
-    """Any other dogpile backend through its serialized API; dbm steps under its write lock.
+class DbmStore:
+    """dogpile's dbm file: every step inside one open of the file under its read/write lock.
 
-    Without a lock of the backend's own (a third-party backend), ``add`` and compare-and-set
-    are a read then a write: correct in one thread, racy between processes; a warning says so.
+    The lock is a file lock, so the atomic steps hold between processes on one host too.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self._open = backend._dbm_file
+
+    @staticmethod
+    def _get(db: Any, key: str) -> bytes | None:
+        try:
+            value: bytes = db[key]
+        except KeyError:
+            return None
+        return value
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Read under the shared lock."""
+        with self._open(False) as db:
+            return [self._get(db, key) for key in keys]
+
+    def set_many(self, mapping: Mapping[str, bytes], ttl: int) -> None:  # noqa: ARG002
+        """Write under the exclusive lock."""
+        with self._open(True) as db:
+            for key, value in mapping.items():
+                db[key] = value
+
+    def add(self, key: str, value: bytes, ttl: int) -> bool:
+        """Set if absent, under the exclusive lock."""
+        return self.compare_and_set([(key, None, value)], ttl)[0]
+
+    def compare_and_set(self, swaps: Sequence[Swap], ttl: int) -> list[bool]:  # noqa: ARG002
+        """Compare and set under the exclusive lock."""
+        results = []
+        with self._open(True) as db:
+            for key, expected, new in swaps:
+                matches = self._get(db, key) == expected
+                if matches:
+                    db[key] = new
+                results.append(matches)
+        return results
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove under the exclusive lock."""
+        with self._open(True) as db:
+            for key in keys:
+                if key in db:
+                    del db[key]
+
+
+class SerializedStore:
+    """A third-party dogpile backend through its serialized API.
+
+    It offers no atomic step, so set-if-absent and compare-and-set are a read then a write
+    under a lock of this process: correct between threads, racy between processes (a warning
+    says so when the store is made).
     """
 
     def __init__(self, backend: Any) -> None:
@@ -208,17 +260,12 @@ class SerializedStore:
 
         self._backend = backend
         self._no_value = NO_VALUE
-        self._lock = getattr(backend, "_use_rw_lock", None)
-        if self._lock is None:
-            logger.warning(
-                "%s has no atomic set-if-absent: fills after a concurrent invalidation "
-                "are refused only within one process",
-                type(backend).__name__,
-            )
-        self._local_lock = threading.Lock()
-
-    def _exclusive(self) -> Any:
-        return self._lock(True) if self._lock is not None else self._local_lock
+        self._lock = threading.Lock()
+        logger.warning(
+            "%s has no atomic set-if-absent: fills after a concurrent invalidation "
+            "are refused only within one process",
+            type(backend).__name__,
+        )
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """The backend's serialized multi-get."""
@@ -227,17 +274,17 @@ class SerializedStore:
 
     def set_many(self, mapping: Mapping[str, bytes], ttl: int) -> None:  # noqa: ARG002
         """The backend's serialized multi-set."""
-        with self._exclusive():
+        with self._lock:
             self._backend.set_serialized_multi(dict(mapping))
 
     def add(self, key: str, value: bytes, ttl: int) -> bool:
-        """Set if absent, under the backend's write lock."""
+        """Set if absent (within this process)."""
         return self.compare_and_set([(key, None, value)], ttl)[0]
 
     def compare_and_set(self, swaps: Sequence[Swap], ttl: int) -> list[bool]:  # noqa: ARG002
-        """Compare and set under the backend's write lock."""
+        """Compare and set (within this process)."""
         results = []
-        with self._exclusive():
+        with self._lock:
             for key, expected, new in swaps:
                 current = self._backend.get_serialized(key)
                 matches = (None if current is self._no_value else current) == expected
@@ -248,7 +295,7 @@ class SerializedStore:
 
     def delete_many(self, keys: Sequence[str]) -> None:
         """The backend's multi-delete."""
-        with self._exclusive():
+        with self._lock:
             self._backend.delete_multi(list(keys))
 
 
@@ -288,4 +335,6 @@ def store_for(backend: Any) -> Store:
         return RedisStore(client)
     if type(backend).__name__ == "PyMemcacheBackend":
         return MemcachedStore(backend)
+    if type(backend).__name__ == "DBMBackend":
+        return DbmStore(backend)
     return SerializedStore(backend)

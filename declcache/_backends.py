@@ -23,6 +23,9 @@ MEMCACHED_BACKENDS = frozenset(
 SERVER_EXPIRY_GRACE = 60
 #: Redis socket timeouts unless configured: a dead cache must cost milliseconds, not minutes.
 DEFAULT_REDIS_TIMEOUT = 0.5
+#: Seconds a distributed fill lock lives unless configured: a process that dies holding one
+#: must not make the others wait forever (dogpile's default is "never expires").
+DEFAULT_LOCK_TIMEOUT = 30
 
 
 class BytesOnlySerde:
@@ -32,6 +35,8 @@ class BytesOnlySerde:
         """Store bytes as they are; declcache encoded them already."""
         if isinstance(value, str):
             value = value.encode()
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value).encode()  # dogpile's memcached lock stores the integer 1
         if not isinstance(value, bytes):
             raise TypeError(f"declcache stores bytes only, got {type(value).__name__}")
         return value, 0
@@ -41,13 +46,34 @@ class BytesOnlySerde:
         return value
 
 
+def _without_retries(connection_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Connection arguments with redis-py's retries turned off unless the user set some.
+
+    redis-py retries a failed command three times with backoff: seconds per call on a dead
+    server. declcache falls back to the database instead, so one attempt is enough.
+    """
+    if "retry" in connection_kwargs:
+        return connection_kwargs
+    from redis.backoff import NoBackoff  # noqa: PLC0415 - only for Redis backends
+    from redis.retry import Retry  # noqa: PLC0415
+
+    return {**connection_kwargs, "retry": Retry(NoBackoff(), 0)}
+
+
 def backend_arguments(backend: str, arguments: dict[str, Any], ttl: int) -> dict[str, Any]:
     """The arguments one model's region is configured with."""
     result = dict(arguments)
+    if result.get("distributed_lock"):
+        result.setdefault("lock_timeout", DEFAULT_LOCK_TIMEOUT)
     if backend in REDIS_BACKENDS:
         result.setdefault("redis_expiration_time", ttl + SERVER_EXPIRY_GRACE)
         result.setdefault("socket_timeout", DEFAULT_REDIS_TIMEOUT)
         result.setdefault("socket_connect_timeout", DEFAULT_REDIS_TIMEOUT)
+        result["connection_kwargs"] = _without_retries(result.get("connection_kwargs", {}))
+        if result.get("distributed_lock"):
+            # The async repository takes and releases a lock in two worker threads: a
+            # thread-local lock token would make the release fail (dogpile warns the same).
+            result.setdefault("thread_local_lock", False)
     elif backend in MEMCACHED_BACKENDS:
         result.setdefault("memcached_expire_time", ttl + SERVER_EXPIRY_GRACE)
         if backend == "dogpile.cache.pymemcache":

@@ -330,7 +330,7 @@ class CacheManager:
 
     def _make_region(self, spec: ModelSpec) -> CacheRegion:
         from dogpile.cache import make_region  # noqa: PLC0415
-        from dogpile.util import PluginLoader  # noqa: PLC0415
+        from dogpile.cache.exception import PluginNotFound  # noqa: PLC0415
 
         backend = self._config.backend
         arguments = _backends.backend_arguments(backend, dict(self._config.arguments), spec.ttl)
@@ -345,7 +345,7 @@ class CacheManager:
         )
         try:
             region.configure(backend, expiration_time=spec.ttl, arguments=arguments)
-        except PluginLoader.NotFound:
+        except PluginNotFound:
             raise SettingsError(
                 self._config.setting_name("backend"),
                 f"unknown dogpile backend {backend!r} (memory, redis, pymemcache, dbm, null…)",

@@ -58,4 +58,5 @@ def cached_models() -> list[type]:
     """Every configured mapped class that declares a CacheMeta, sorted by name."""
     with _lock:
         models = [cls for cls, declared in _declared.items() if declared is not _NOT_CACHED]
-    return sorted(models, key=lambda cls: (cls.__module__, cls.__qualname__))
+    mapped = [cls for cls in models if inspect(cls, raiseerr=False) is not None]  # not disposed
+    return sorted(mapped, key=lambda cls: (cls.__module__, cls.__qualname__))

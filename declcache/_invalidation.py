@@ -38,7 +38,12 @@ if TYPE_CHECKING:
 
     from declcache._manager import CacheManager
 
-__all__ = ["INVALIDATE_MODELS_OPTION", "SESSION_MANAGER_KEY", "setup_cache_listeners"]
+__all__ = [
+    "INVALIDATE_MODELS_OPTION",
+    "SESSION_MANAGER_KEY",
+    "has_uncommitted_changes",
+    "setup_cache_listeners",
+]
 
 #: ``session.info`` key of the session's CacheManager (the name advanced-alchemy uses).
 SESSION_MANAGER_KEY = "cache_manager"
@@ -94,6 +99,23 @@ def _frame(session: Session) -> Changes:
 def _cached_lineage(manager: CacheManager, mapper: Mapper[Any]) -> list[Mapper[Any]]:
     """The mapper and its inherited mappers that this manager caches (a row is all of them)."""
     return [m for m in mapper.iterate_to_root() if manager.is_cached(m.class_)]
+
+
+def _cached_family(manager: CacheManager, mapper: Mapper[Any]) -> list[Mapper[Any]]:
+    """Every cached mapper a statement on ``mapper``'s tables can touch: bases and subclasses."""
+    family = {*mapper.iterate_to_root(), *mapper.self_and_descendants}
+    return [m for m in family if manager.is_cached(m.class_)]
+
+
+def has_uncommitted_changes(session: Session, model: type) -> bool:
+    """Whether ``session`` flushed changes to ``model`` (or a related class) not yet committed.
+
+    Such a session sees rows no other session sees yet: what it reads must not be cached.
+    """
+    for _, changes in session.info.get(_FRAMES_KEY, ()):
+        if any(issubclass(changed, model) or issubclass(model, changed) for changed in changes):
+            return True
+    return False
 
 
 _UNKNOWN = object()
@@ -172,7 +194,7 @@ def _do_orm_execute(state: ORMExecuteState) -> None:
     named = state.execution_options.get(INVALIDATE_MODELS_OPTION) or ()
     mappers = [*_written_mappers(state), *(inspect(model) for model in named)]
     for mapper in mappers:
-        for cached in _cached_lineage(manager, mapper):
+        for cached in _cached_family(manager, mapper):
             _frame(state.session).setdefault(cached.class_, ModelChanges()).whole_model = True
 
 

@@ -8,6 +8,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session
@@ -73,9 +74,10 @@ def run(
         ident = rng.randint(1, hot) if rng.random() < 0.9 else rng.randint(1, customers)
         start = time.perf_counter()
         with Session(engine, info={"cache_manager": manager}) as session:
-            customer = manager.load(Customer, ident, lambda: session.get(Customer, ident))
+            customer = manager.load(Customer, ident, partial(session.get, Customer, ident))
         latencies.append((time.perf_counter() - start) * 1e6)
-        assert customer is not None and customer.id == ident
+        if customer is None or customer.id != ident:
+            raise RuntimeError(f"customer {ident} read back as {customer!r}")
         progress(done)
     event.remove(engine, "before_cursor_execute", counter._count)
     return RunResult(label, reads, counter.count, latencies)

@@ -106,7 +106,9 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         if manager is None:
             item = await self.session.get(self.model_type, item_id)
         else:
-            item = await self._read_entity(manager, item_id)
+            item = self._held(item_id)
+            if item is None:
+                item = await self._read_entity(manager, item_id)
         found = self.check_not_found(item, item_id)
         self._expunge([found], auto_expunge)
         return found
@@ -131,6 +133,14 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         return items
 
     async def _load_many(
+        self, manager: CacheManager, idents: builtins.list[Any]
+    ) -> builtins.list[Any]:
+        held = [self._held(ident) for ident in idents]
+        rest = [ident for ident, item in zip(idents, held, strict=True) if item is None]
+        loaded = iter(await self._load_rest(manager, rest) if rest else [])
+        return [next(loaded) if item is None else item for item in held]
+
+    async def _load_rest(
         self, manager: CacheManager, idents: builtins.list[Any]
     ) -> builtins.list[Any]:
         if not manager.blocking:  # all hits need no thread
@@ -184,7 +194,9 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         ident = None if manager is None else self._key_ident(manager, filters, fields)
         item: ModelT | None
         if manager is not None and ident is not None:
-            item = await self._read_entity(manager, ident)
+            item = self._held(ident)
+            if item is None:
+                item = await self._read_entity(manager, ident)
         else:
             result = await self.session.execute(self._select(filters, fields))
             item = result.scalars().one_or_none()
@@ -192,10 +204,8 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         return item
 
     async def _read_entity(self, manager: CacheManager, ident: Any) -> Any:
-        statement = self._entity_statement(ident)
-
-        async def query() -> Any:
-            result = await self.session.execute(statement)
+        async def query() -> Any:  # built on a miss only: a hit needs no statement
+            result = await self.session.execute(self._entity_statement(ident))
             return result.scalars().one_or_none()
 
         return await self._run(self._entity_read(manager, ident), query)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from sqlalchemy import ColumnElement, Select, func, inspect, literal, select, tuple_
 
 from declcache._api import Ident, Lookup
-from declcache._invalidation import _FRAMES_KEY, SESSION_MANAGER_KEY
+from declcache._invalidation import SESSION_MANAGER_KEY, has_uncommitted_changes
 from declcache._keys import normalized
 from declcache.exceptions import NotFoundError
 from declcache.repository._statement_key import query_key
@@ -160,11 +160,7 @@ class RepositoryBase(Generic[ModelT]):
         for items in (session.new, session.dirty, session.deleted):
             if any(isinstance(item, model) for item in items):
                 return True
-        for frame in session.info.get(_FRAMES_KEY, ()):
-            changes: Mapping[type, Any] = frame[1]
-            if any(issubclass(m, model) or issubclass(model, m) for m in changes):
-                return True
-        return False
+        return has_uncommitted_changes(session, model)
 
     @staticmethod
     def _flag(value: bool | None, default: bool) -> bool:
@@ -185,6 +181,28 @@ class RepositoryBase(Generic[ModelT]):
                 f"{self._name} has a primary key of {len(self._pk_columns)} columns, got {ident!r}"
             )
         return [column == value for column, value in zip(self._pk_columns, values, strict=True)]
+
+    def _held(self, ident: Ident) -> Any:
+        """The instance the session already holds for primary key ``ident``, loaded; or ``None``.
+
+        Like ``session.get``, a read of an identity the session holds returns that instance
+        rather than a second, detached copy from the cache.
+        """
+        if isinstance(ident, Mapping):
+            if set(ident) != set(self._pk_names):
+                return None
+            values: tuple[Any, ...] = tuple(ident[name] for name in self._pk_names)
+        else:
+            values = ident if isinstance(ident, tuple) else (ident,)
+        try:
+            key = self._mapper.identity_key_from_primary_key(values)
+            item = self._sync_session.identity_map.get(key)
+        except (TypeError, KeyError):  # an unhashable or malformed ident
+            return None
+        if item is None:
+            return None
+        state = inspect(item)
+        return None if state.expired or state.expired_attributes else item
 
     def _entity_statement(self, ident: Ident) -> Select[Any]:
         """One row by key, reloaded even if the session holds it (see the module doc)."""

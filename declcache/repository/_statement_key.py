@@ -9,6 +9,10 @@ cached (and a debug log says why) when:
 * it calls a function whose result changes by itself (``now()``, ``random()``…);
 * a bound parameter has no stable text (an object whose ``repr`` is its memory address):
   two equal queries would get two keys, or two different ones the same key.
+
+Keying runs on every cached read, hits included, so each statement *shape* (its SQL without
+the bound values, as SQLAlchemy's own statement cache key names it) is checked and compiled
+once; a later statement of the same shape only has its values extracted.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import decimal
 import enum
 import hashlib
 import logging
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -29,10 +35,11 @@ from sqlalchemy.sql.selectable import Alias, TableClause
 from sqlalchemy.sql.util import find_tables
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Dialect
+    from sqlalchemy.engine import Compiled, Dialect
     from sqlalchemy.sql import ClauseElement
+    from sqlalchemy.sql.cache_key import CacheKey
 
-__all__ = ["VOLATILE_FUNCTIONS", "query_key"]
+__all__ = ["SHAPES_KEPT", "VOLATILE_FUNCTIONS", "query_key"]
 
 logger = logging.getLogger("declcache.repository")
 
@@ -124,6 +131,53 @@ def _check_inputs(statement: ClauseElement, tables: frozenset[TableClause]) -> N
         )
 
 
+#: Statement shapes (SQL without its values) remembered with their compiled form.
+SHAPES_KEPT = 1024
+
+Shape = tuple["Compiled | None", "str | None"]
+_shapes: OrderedDict[tuple[Any, ...], Shape] = OrderedDict()
+_shapes_lock = threading.Lock()
+
+
+def _analyze(
+    statement: ClauseElement,
+    dialect: Dialect,
+    tables: frozenset[TableClause],
+    cache_key: CacheKey | None,
+) -> Shape:
+    """``(compiled, None)`` for a cacheable statement shape, else ``(None, reason)``."""
+    try:
+        _check_inputs(statement, tables)
+        return statement.compile(dialect=dialect, cache_key=cache_key), None
+    except UnkeyableError as reason:
+        return None, str(reason)
+    except Exception as error:  # a statement this dialect cannot compile offline
+        return None, f"it does not compile ({error!r})"
+
+
+def _shape(statement: ClauseElement, dialect: Dialect, tables: frozenset[TableClause]) -> Any:
+    """``(compiled, reason, params)``: SQLAlchemy's cache key spares compiling a known shape."""
+    cache_key = statement._generate_cache_key()
+    if cache_key is None:  # a construct SQLAlchemy does not cache either
+        compiled, reason = _analyze(statement, dialect, tables, None)
+        return compiled, reason, None if compiled is None else compiled.params
+    slot = (dialect, tables, cache_key.key)
+    with _shapes_lock:
+        known = _shapes.get(slot)
+        if known is not None:
+            _shapes.move_to_end(slot)
+    if known is None:
+        known = _analyze(statement, dialect, tables, cache_key)
+        with _shapes_lock:
+            _shapes[slot] = known
+            while len(_shapes) > SHAPES_KEPT:
+                _shapes.popitem(last=False)
+    compiled, reason = known
+    if compiled is None:
+        return None, reason, None
+    return compiled, None, compiled.construct_params(extracted_parameters=cache_key.bindparams)
+
+
 def query_key(
     kind: str, statement: ClauseElement, dialect: Dialect, tables: frozenset[TableClause]
 ) -> str | None:
@@ -136,16 +190,15 @@ def query_key(
         tables: the tables the model's list version covers.
     """
     try:
-        _check_inputs(statement, tables)
-        compiled = statement.compile(dialect=dialect)
-        params = ";".join(
-            f"{name}={_stable_text(value)}" for name, value in sorted(compiled.params.items())
-        )
-    except UnkeyableError as reason:
-        logger.debug("query not cached: %s: %s", reason, statement)
+        compiled, reason, values = _shape(statement, dialect, tables)
+        if compiled is None:
+            raise UnkeyableError(reason)
+        params = ";".join(f"{name}={_stable_text(value)}" for name, value in sorted(values.items()))
+    except UnkeyableError as why:
+        logger.debug("query not cached: %s: %s", why, statement)
         return None
-    except Exception as error:  # a statement this dialect cannot compile offline
-        logger.debug("query not cached: it does not compile (%r): %s", error, statement)
+    except Exception as error:  # e.g. a bind parameter without a value
+        logger.debug("query not cached: its parameters are incomplete (%r): %s", error, statement)
         return None
     text = f"{dialect.name}\n{compiled.string}\n{params}"
     return f"{kind}:{hashlib.sha256(text.encode()).hexdigest()[:32]}"

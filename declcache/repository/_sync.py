@@ -96,7 +96,9 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
         if manager is None:
             item = self.session.get(self.model_type, item_id)
         else:
-            item = self._read_entity(manager, item_id)
+            item = self._held(item_id)
+            if item is None:
+                item = self._read_entity(manager, item_id)
         found = self.check_not_found(item, item_id)
         self._expunge([found], auto_expunge)
         return found
@@ -115,12 +117,18 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
         if manager is None:
             items = self._in_order(idents, self._all(self._many_statement(idents, reload=False)))
         else:
-            statement = self._many_statement
-            items = manager.load_many(
-                self.model_type, idents, lambda missing: self._all(statement(missing, reload=True))
-            )
+            held = [self._held(ident) for ident in idents]
+            rest = [ident for ident, item in zip(idents, held, strict=True) if item is None]
+            loaded = iter(self._load_many(manager, rest) if rest else [])
+            items = [next(loaded) if item is None else item for item in held]
         self._expunge(items, auto_expunge)
         return items
+
+    def _load_many(self, manager: CacheManager, idents: builtins.list[Any]) -> builtins.list[Any]:
+        def loader(missing: builtins.list[Any]) -> builtins.list[Any]:
+            return self._all(self._many_statement(missing, reload=True))
+
+        return manager.load_many(self.model_type, idents, loader)
 
     def get_one(
         self,
@@ -155,17 +163,17 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
         ident = None if manager is None else self._key_ident(manager, filters, fields)
         item: ModelT | None
         if manager is not None and ident is not None:
-            item = self._read_entity(manager, ident)
+            item = self._held(ident)
+            if item is None:
+                item = self._read_entity(manager, ident)
         else:
             item = self.session.execute(self._select(filters, fields)).scalars().one_or_none()
         self._expunge([item], auto_expunge)
         return item
 
     def _read_entity(self, manager: CacheManager, ident: Any) -> Any:
-        statement = self._entity_statement(ident)
-
-        def loader() -> Any:
-            return self.session.execute(statement).scalars().one_or_none()
+        def loader() -> Any:  # built on a miss only: a hit needs no statement
+            return self.session.execute(self._entity_statement(ident)).scalars().one_or_none()
 
         return self._run(self._entity_read(manager, ident), loader)
 

@@ -3,11 +3,12 @@
 Bookkeeping lives in ``session.info`` as a stack of frames, one per transaction or savepoint
 that flushed something:
 
-* ``after_flush`` records, for every new, changed or deleted instance of a cached model, each
-  of its keys — old and new values when a key field changed — in the frame of the innermost
-  transaction; ``do_orm_execute`` marks the whole model for ORM bulk ``insert``/``update``/
-  ``delete`` statements and for textual SQL that names its models with the ``invalidate_models``
-  execution option;
+* the mapper events ``after_insert``/``after_update``/``after_delete`` record, for every row of
+  a cached model a flush writes (cascades and delete-orphans included), each of its keys — old
+  and new values when a key field changed — in the frame of the innermost transaction;
+* ``do_orm_execute`` marks the whole model (bases and subclasses too) for ORM bulk
+  ``insert``/``update``/``delete`` statements and for textual SQL that names its models with
+  the ``invalidate_models`` execution option;
 * ``after_soft_rollback`` drops the rolled-back transaction's frame and those of the
   savepoints inside it, so a rolled-back savepoint forgets only its own changes;
 * ``after_commit`` of the outermost transaction hands all remaining frames to the manager.
@@ -21,11 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, inspect
-from sqlalchemy.orm import Session, attributes
+from sqlalchemy.orm import Mapper, Session, attributes
 from sqlalchemy.orm.base import PassiveFlag
 from sqlalchemy.util import await_only
 from sqlalchemy.util.concurrency import in_greenlet
@@ -34,7 +34,7 @@ from declcache._manager import ModelChanges
 from declcache._registry import cached_models
 
 if TYPE_CHECKING:
-    from sqlalchemy.orm import Mapper, ORMExecuteState, SessionTransaction
+    from sqlalchemy.orm import ORMExecuteState, SessionTransaction
 
     from declcache._manager import CacheManager
 
@@ -70,7 +70,8 @@ def setup_cache_listeners(default_manager: CacheManager | None = None) -> None:
             _state["default"] = default_manager
         if _state["registered"]:
             return
-        event.listen(Session, "after_flush", _after_flush)
+        for row_event in ("after_insert", "after_update", "after_delete"):
+            event.listen(Mapper, row_event, _after_row_written)
         event.listen(Session, "do_orm_execute", _do_orm_execute)
         event.listen(Session, "after_soft_rollback", _after_soft_rollback)
         event.listen(Session, "after_commit", _after_commit)
@@ -151,27 +152,27 @@ def _primary_key_names(mapper: Mapper[Any]) -> list[str]:
     return [mapper.get_property_by_column(column).key for column in mapper.primary_key]
 
 
-def _after_flush(session: Session, _context: object) -> None:
-    manager = _manager_of(session)
-    if manager is None:
+def _after_row_written(mapper: Mapper[Any], _connection: object, target: object) -> None:
+    """Record the keys of a row the unit of work inserted, updated or deleted.
+
+    Mapper events see every row a flush writes, including cascades and delete-orphans that
+    never appear in ``session.deleted``.
+    """
+    session = inspect(target).session
+    manager = _manager_of(session) if session is not None else None
+    if session is None or manager is None:
         return
-    changed = chain(
-        session.new,
-        (item for item in session.dirty if session.is_modified(item, include_collections=False)),
-        session.deleted,
-    )
-    for instance in changed:
-        for mapper in _cached_lineage(manager, inspect(instance).mapper):
-            spec = manager.spec(mapper.class_)
-            if spec is None:
-                continue
-            change = _frame(session).setdefault(mapper.class_, ModelChanges())
-            for fields in spec.key_fields:
-                keys = _old_and_new(instance, fields)
-                if keys is None:  # a key value we cannot know: drop the whole model
-                    change.whole_model = True
-                else:
-                    change.keys.update((fields, values) for values in keys)
+    for cached in _cached_lineage(manager, mapper):
+        spec = manager.spec(cached.class_)
+        if spec is None:
+            continue
+        change = _frame(session).setdefault(cached.class_, ModelChanges())
+        for fields in spec.key_fields:
+            keys = _old_and_new(target, fields)
+            if keys is None:  # a key value we cannot know: drop the whole model
+                change.whole_model = True
+            else:
+                change.keys.update((fields, values) for values in keys)
 
 
 def _written_mappers(state: ORMExecuteState) -> list[Mapper[Any]]:

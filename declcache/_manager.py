@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import inspect
 from sqlalchemy.orm.attributes import instance_state
 
-from declcache import _backends, _wire
+from declcache import _backends, _freshness, _wire
 from declcache._api import Ident, Lookup
 from declcache._codec import ModelCodec, UnencodableValueError
 from declcache._keys import KeyBuilder, normalized
@@ -257,6 +257,8 @@ class CacheManager:
         self._first_region: CacheRegion | None = None
         self._memory: dict[str, Any] = {}
         self._enabled = self._config.enabled and self._dogpile_available()
+        if self._enabled:
+            _freshness.install()
         self._queue: deque[tuple[type, ModelChanges]] = deque()
         self._queued_size = 0
         self._overflowed: set[type] = set()
@@ -540,6 +542,10 @@ class CacheManager:
     ) -> None:
         swaps: list[Swap] = []
         for instance in loaded:
+            if not _freshness.read_since(instance, ticket.started):
+                logger.debug("%s not cached: read before the cache look-up", cache.name)
+                cache.counters.add("fills_refused")
+                continue
             payload = cache.entity_payload(ticket.generation, instance)
             if payload is None:
                 continue
@@ -787,12 +793,34 @@ class CacheManager:
         if cache is None:
             return True
         try:
-            fields_, _ = cache.ident_key(key)
+            fields_, entity_key = cache.ident_key(key)
         except (ValueError, TypeError):
             return True
         values = tuple(key[name] for name in fields_) if isinstance(key, Mapping) else key
         values = values if isinstance(values, tuple) else (values,)
-        return self._invalidate_now(model, ModelChanges(keys={(fields_, values)}))
+        change = ModelChanges(keys={(fields_, values)})
+        if fields_ != cache.spec.primary_key:
+            primary_key = self._pointed_primary_key(cache, entity_key)
+            if primary_key is None:  # cached under a primary key we cannot know: drop all
+                change.whole_model = True
+            else:
+                change.keys.add((cache.spec.primary_key, primary_key))
+        return self._invalidate_now(model, change)
+
+    def _pointed_primary_key(self, cache: _ModelCache, key: str) -> tuple[Any, ...] | None:
+        """The primary key a ``key_fields`` key points to, if the cache knows it."""
+        try:
+            raw = cache.store.get_many([key])[0]
+        except Exception:
+            return None
+        if raw is None:
+            return None
+        try:
+            data = cache.format.loads(_wire.unwrap(raw)[1])
+        except Exception:
+            return None
+        pointer = isinstance(data, list) and len(data) >= 3 and data[2] == _POINTER
+        return tuple(data[3:]) if pointer else None
 
     def invalidate_model(self, model: type) -> bool:
         """Drop every cached entity and list of ``model`` at once (a new generation token).

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["REDIS_BACKENDS", "backend_arguments", "share_connections"]
+__all__ = [
+    "REDIS_BACKENDS",
+    "backend_arguments",
+    "dogpile_backend_name",
+    "share_connections",
+]
 
 REDIS_BACKENDS = frozenset(
     {"dogpile.cache.redis", "dogpile.cache.redis_sentinel", "dogpile.cache.redis_cluster"}
@@ -21,6 +26,8 @@ MEMCACHED_BACKENDS = frozenset(
 #: Seconds a key outlives its ttl on the server: dogpile expires it first (softly), the server
 #: then reclaims the memory. Keeps a clock skew between writers from dropping fresh entries.
 SERVER_EXPIRY_GRACE = 60
+#: The plugin name of :mod:`declcache._pymemcache`'s backend.
+PYMEMCACHE_WITH_TIMEOUTS = "declcache.pymemcache"
 #: Redis socket timeouts unless configured: a dead cache must cost milliseconds, not minutes.
 DEFAULT_REDIS_TIMEOUT = 0.5
 #: Seconds a distributed fill lock lives unless configured: a process that dies holding one
@@ -79,6 +86,16 @@ def backend_arguments(backend: str, arguments: dict[str, Any], ttl: int) -> dict
         if backend == "dogpile.cache.pymemcache":
             result.setdefault("serde", BytesOnlySerde())
     return result
+
+
+def dogpile_backend_name(backend: str) -> str:
+    """The dogpile plugin that serves ``backend``: ours where dogpile's lacks timeouts."""
+    if backend == "dogpile.cache.pymemcache":
+        from dogpile.cache import register_backend  # noqa: PLC0415 - only with dogpile present
+
+        register_backend(PYMEMCACHE_WITH_TIMEOUTS, "declcache._pymemcache", "PyMemcacheBackend")  # type: ignore[no-untyped-call]
+        return PYMEMCACHE_WITH_TIMEOUTS
+    return backend
 
 
 def share_connections(backend: str, configured: Any, arguments: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from declcache._codec import ModelCodec, UnencodableValueError
 from declcache._keys import KeyBuilder, normalized
 from declcache._meta import ModelSpec, resolve_spec
 from declcache._registry import cached_models, declared_meta
+from declcache._replay import ReplayQueue
 from declcache._stats import Counters, FaultLog, ModelStats
 from declcache._store import Store, Swap, store_for
 from declcache.exceptions import SettingsError
@@ -49,10 +49,6 @@ logger = logging.getLogger("declcache.manager")
 
 #: How long a generation or list-version token lives on the server, at least.
 TOKEN_TTL_FLOOR = 86_400
-#: Invalidations kept while the backend is down; past this, whole models are invalidated.
-INVALIDATION_QUEUE_LIMIT = 10_000
-#: Seconds between two attempts to replay queued invalidations.
-REPLAY_INTERVAL = 1.0
 
 _ENTITY, _NOT_FOUND, _POINTER, _LIST = "e", "n", "p", "l"
 
@@ -259,10 +255,7 @@ class CacheManager:
         self._enabled = self._config.enabled and self._dogpile_available()
         if self._enabled:
             _freshness.install()
-        self._queue: deque[tuple[type, ModelChanges]] = deque()
-        self._queued_size = 0
-        self._overflowed: set[type] = set()
-        self._next_replay = 0.0
+        self._queue = ReplayQueue(self._write_replayed)
 
     @staticmethod
     def _dogpile_available() -> bool:
@@ -346,7 +339,11 @@ class CacheManager:
             deserializer=_passthrough,
         )
         try:
-            region.configure(backend, expiration_time=spec.ttl, arguments=arguments)
+            region.configure(
+                _backends.dogpile_backend_name(backend),
+                expiration_time=spec.ttl,
+                arguments=arguments,
+            )
         except PluginNotFound:
             raise SettingsError(
                 self._config.setting_name("backend"),
@@ -376,9 +373,9 @@ class CacheManager:
         cache = self._cache(model)
         if cache is None:
             return None
-        if self._queue or self._overflowed:
-            self._replay()
-            if model in self._overflowed or any(m is model for m, _ in self._queue):
+        if self._queue:
+            self._queue.replay()
+            if self._queue.holds(model):
                 return None
         return cache
 
@@ -428,12 +425,16 @@ class CacheManager:
             for index, target in pointers.items():
                 item = cache.parse(found[target], generation)
                 parsed[index] = item if item is not None and item[0] == _ENTITY else None
-        return [
-            self._entity_result(cache, key, item) for key, item in zip(keys, parsed, strict=True)
-        ], ticket
+        results = [
+            self._entity_result(cache, key, item, via_pointer=index in pointers)
+            for index, (key, item) in enumerate(zip(keys, parsed, strict=True))
+        ]
+        return results, ticket
 
     @staticmethod
-    def _entity_result(cache: _ModelCache, key: str, parsed: tuple[str, list[Any]] | None) -> Any:
+    def _entity_result(
+        cache: _ModelCache, key: str, parsed: tuple[str, list[Any]] | None, *, via_pointer: bool
+    ) -> Any:
         if parsed is None:
             return Lookup.MISS
         kind, body = parsed
@@ -447,6 +448,9 @@ class CacheManager:
             return Lookup.MISS
         instance = cache.decode_entity(body)
         if instance is not Lookup.MISS and key not in cache.entity_keys(instance).values():
+            if via_pointer:  # the row's key field changed while its old value was unknown
+                logger.debug("%s: %s points to a row that no longer has it", cache.name, key)
+                return Lookup.MISS
             cache.counters.add("errors")
             logger.warning(
                 "%s: ignoring a cache payload that does not belong to %s", cache.name, key
@@ -713,7 +717,7 @@ class CacheManager:
             cache = self._cache(model)
             if cache is None:
                 continue
-            if self._queue or self._overflowed:
+            if self._queue:  # keep the order: nothing overtakes what is already queued
                 self._enqueue(model, change)
                 continue
             try:
@@ -721,8 +725,8 @@ class CacheManager:
             except Exception as error:
                 self._fault(cache, "invalidate", error)
                 self._enqueue(model, change)
-        if self._queue or self._overflowed:
-            self._replay()
+        if self._queue:
+            self._queue.replay()
 
     def _write_invalidation(self, cache: _ModelCache, change: ModelChanges) -> None:
         tombstones = {}
@@ -741,43 +745,14 @@ class CacheManager:
 
     def _enqueue(self, model: type, change: ModelChanges) -> None:
         cache = self._cache(model)
-        with self._lock:
-            if self._queued_size + change.size > INVALIDATION_QUEUE_LIMIT:
-                self._overflowed.add(model)
-                if cache is not None:
-                    cache.counters.add("invalidations_overflowed")
-                return
-            self._queue.append((model, change))
-            self._queued_size += change.size
+        kept = self._queue.add(model, change)
         if cache is not None:
-            cache.counters.add("invalidations_queued")
+            cache.counters.add("invalidations_queued" if kept else "invalidations_overflowed")
 
-    def _replay(self) -> None:
-        """Apply queued invalidations once the backend answers; at most once per interval."""
-        now = time.monotonic()
-        with self._lock:
-            if now < self._next_replay:
-                return
-            self._next_replay = now + REPLAY_INTERVAL
-            pending = list(self._queue)
-            overflowed = set(self._overflowed)
-        try:
-            for model in overflowed:
-                cache = self._cache(model)
-                if cache is not None:
-                    self._write_invalidation(cache, ModelChanges(whole_model=True))
-            for model, change in pending:
-                cache = self._cache(model)
-                if cache is not None:
-                    self._write_invalidation(cache, change)
-        except Exception:
-            return
-        with self._lock:
-            for _ in pending:
-                _, change = self._queue.popleft()
-                self._queued_size -= change.size
-            self._overflowed -= overflowed
-        logger.info("replayed %d queued invalidations after a backend fault", len(pending))
+    def _write_replayed(self, model: type, change: ModelChanges | None) -> None:
+        cache = self._cache(model)
+        if cache is not None:
+            self._write_invalidation(cache, change or ModelChanges(whole_model=True))
 
     def invalidate(self, model: type, key: Ident) -> bool:
         """Drop the cached entity ``key`` names, and every cached list of the model.
@@ -857,4 +832,4 @@ class CacheManager:
     @property
     def pending_invalidations(self) -> int:
         """Invalidations waiting for the backend to come back (0 when all is well)."""
-        return self._queued_size + len(self._overflowed)
+        return self._queue.size

@@ -45,7 +45,7 @@ Action = Callable[[Any], Awaitable[Any]]
 
 @pytest.fixture(params=["memory", "redis", "memcached"])
 def cache_backend(request: pytest.FixtureRequest) -> str:
-    """The backends of the repository suite (dbm: see ``DBM_SELF_DEADLOCK`` in conftest)."""
+    """Memory, Redis and Memcached; dbm is covered by test_backends.py and test_invalidation.py."""
     return str(request.param)
 
 

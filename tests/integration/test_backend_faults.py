@@ -1,0 +1,380 @@
+"""A backend fault at commit time never fails the commit, and never lets a stale row survive.
+
+Each test runs its own private Redis or Memcached (``tests/_servers.py``), so it can stop,
+restart or pause it without touching the shared servers. Two ways a backend fails:
+
+* **stopped** (``server.stop()``): calls fail at once; a private server comes back *empty*.
+* **paused** (Redis ``CLIENT PAUSE``): calls time out after the manager's 0.5 s socket timeout
+  and the server comes back *with its data*, so a queued invalidation that is not replayed
+  would leave the old row cached. This is the case that proves the replay.
+
+Every manager here uses declcache's default client settings (0.5 s Redis socket timeouts,
+no redis-py retries), as a user's would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import redis
+from sqlalchemy import create_engine, select
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+from declcache import CacheConfig, CacheManager, setup_cache_listeners
+from declcache import _manager as manager_module
+from declcache import _replay as replay_module
+from tests import _servers
+from tests.integration._invalidation_models import Base, Item, Reader, reset_rows, writing
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping, Sequence
+
+    from sqlalchemy.engine import Engine
+
+OLD = {"id": 1, "name": "item-1"}
+NEW = {"id": 1, "name": "new"}
+#: Long enough for a commit (two 0.5 s timeouts) and a read to happen inside the pause.
+PAUSE_SECONDS = 2.0
+
+
+@pytest.fixture
+def engine(tmp_path: Any) -> Iterator[Engine]:
+    setup_cache_listeners()
+    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    Base.metadata.create_all(engine)
+    reset_rows(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[_servers.RedisProcess]:
+    server = _servers.start_redis_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_memcached() -> Iterator[_servers.MemcachedProcess]:
+    server = _servers.start_memcached_server()
+    yield server
+    server.stop()
+
+
+def redis_config(server: _servers.ServerProcess, key_prefix: str) -> CacheConfig:
+    return CacheConfig(
+        backend="dogpile.cache.redis",
+        arguments={"host": server.host, "port": server.port},
+        key_prefix=key_prefix,
+    )
+
+
+def memcached_config(server: _servers.ServerProcess, key_prefix: str) -> CacheConfig:
+    return CacheConfig(
+        backend="dogpile.cache.pymemcache",
+        arguments={"url": [f"{server.host}:{server.port}"]},
+        key_prefix=key_prefix,
+    )
+
+
+def commit_rename(engine: Engine, manager: CacheManager, ident: int, name: str) -> None:
+    with writing(engine, manager) as session:
+        session.get(Item, ident).name = name
+        session.commit()
+
+
+def database_row(engine: Engine, ident: int) -> dict[str, Any]:
+    with Session(engine) as session:
+        item = session.scalars(select(Item).where(Item.id == ident)).one()
+        return {"id": item.id, "name": item.name}
+
+
+def warm(reader: Reader, *idents: int) -> None:
+    for ident in idents:
+        reader.get(Item, ident)
+        assert reader.loads_during(lambda i=ident: reader.get(Item, i)) == 0
+
+
+def pause_redis(server: _servers.ServerProcess, seconds: float) -> float:
+    """Pause every client of ``server``; return the monotonic time the pause ends."""
+    admin = redis.Redis(host=server.host, port=server.port, socket_timeout=5)
+    try:
+        admin.execute_command("CLIENT", "PAUSE", int(seconds * 1000), "ALL")
+    finally:
+        admin.close()
+    return time.monotonic() + seconds
+
+
+def sleep_until(deadline: float) -> None:
+    time.sleep(max(0.0, deadline - time.monotonic()))
+
+
+def stats(manager: CacheManager) -> manager_module.ModelStats:
+    return manager.stats()["Item"]
+
+
+# --- a stopped server ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["redis", "memcached"])
+def test_commit_while_the_backend_is_down(
+    engine: Engine, key_prefix: str, request: pytest.FixtureRequest, kind: str
+) -> None:
+    server = request.getfixturevalue(f"private_{kind}")
+    config = (redis_config if kind == "redis" else memcached_config)(server, key_prefix)
+    writer = CacheManager(config)
+    reader = Reader(engine, writer)  # this process
+    other = Reader(engine, CacheManager(config))  # another process
+    warm(reader, 1)
+
+    server.stop()
+    commit_rename(engine, writer, 1, "new")  # no exception
+    assert database_row(engine, 1) == NEW
+    assert stats(writer).invalidations_queued >= 1
+    assert stats(writer).errors >= 1
+    assert writer.pending_invalidations > 0
+    for _ in range(2):  # every read during the outage goes to the database
+        assert reader.loads_during(lambda: reader.get(Item, 1)) == 1
+        assert reader.seen[-1] == NEW
+    assert other.get(Item, 1) == NEW
+
+    server.start()  # comes back empty
+    time.sleep(replay_module.REPLAY_INTERVAL + 0.1)
+    assert reader.get(Item, 1) == NEW
+    assert writer.pending_invalidations == 0
+    assert reader.loads_during(lambda: reader.get(Item, 1)) == 0  # caching again
+    assert other.get(Item, 1) == NEW
+    assert OLD not in reader.seen[2:] + other.seen
+
+
+def test_a_dead_redis_costs_milliseconds(
+    engine: Engine, key_prefix: str, private_redis: _servers.RedisProcess
+) -> None:
+    """redis-py's own retries (10, with backoff) would make each call seconds long."""
+    manager = CacheManager(redis_config(private_redis, key_prefix))
+    reader = Reader(engine, manager)
+    warm(reader, 1)
+    private_redis.stop()
+    started = time.monotonic()
+    commit_rename(engine, manager, 1, "new")
+    assert reader.get(Item, 1) == NEW
+    assert time.monotonic() - started < 1.0
+
+
+# --- a paused server that keeps its data --------------------------------------------------------
+
+
+def test_paused_redis_replays_the_queued_invalidation(
+    engine: Engine, key_prefix: str, private_redis: _servers.RedisProcess
+) -> None:
+    config = redis_config(private_redis, key_prefix)
+    writer = CacheManager(config)
+    reader = Reader(engine, writer)
+    warm(reader, 1, 2)
+    other = Reader(engine, CacheManager(config))
+
+    paused_until = pause_redis(private_redis, PAUSE_SECONDS)
+    commit_rename(engine, writer, 1, "new")
+    assert database_row(engine, 1) == NEW
+    assert stats(writer).invalidations_queued == 1
+    assert writer.pending_invalidations > 0
+    assert reader.get(Item, 1) == NEW  # from the database: the model's invalidation is pending
+    assert time.monotonic() < paused_until, "too slow: the commit and read outlasted the pause"
+
+    sleep_until(paused_until + replay_module.REPLAY_INTERVAL)
+    assert reader.get(Item, 1) == NEW  # replays, then reads
+    assert writer.pending_invalidations == 0
+    assert other.get(Item, 1) == NEW  # the server kept the old row: the replay dropped it
+    assert other.get(Item, 2) == {"id": 2, "name": "item-2"}
+    assert OLD not in reader.seen[2:] + other.seen
+
+
+def test_queued_invalidation_reaches_other_processes_without_further_use_of_the_writer(
+    engine: Engine, key_prefix: str, private_redis: _servers.RedisProcess
+) -> None:
+    config = redis_config(private_redis, key_prefix)
+    writer = CacheManager(config)
+    other = Reader(engine, CacheManager(config))
+    warm(other, 1)
+    paused_until = pause_redis(private_redis, PAUSE_SECONDS)
+    commit_rename(engine, writer, 1, "new")
+    assert writer.pending_invalidations > 0
+    sleep_until(paused_until + 2 * replay_module.REPLAY_INTERVAL)
+    assert other.get(Item, 1) == NEW
+
+
+def test_queue_overflow_invalidates_the_whole_model_on_recovery(
+    engine: Engine,
+    key_prefix: str,
+    private_redis: _servers.RedisProcess,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(replay_module, "INVALIDATION_QUEUE_LIMIT", 3)
+    config = redis_config(private_redis, key_prefix)
+    writer = CacheManager(config)
+    reader = Reader(engine, writer)
+    warm(reader, 1, 2, 3)
+
+    paused_until = pause_redis(private_redis, PAUSE_SECONDS)
+    commit_rename(engine, writer, 1, "new")  # one key and the list version: queued
+    commit_rename(engine, writer, 2, "new too")  # no room left: the model overflows
+    assert time.monotonic() < paused_until, "too slow: the commits outlasted the pause"
+    assert stats(writer).invalidations_queued == 1
+    assert stats(writer).invalidations_overflowed == 1
+
+    sleep_until(paused_until + replay_module.REPLAY_INTERVAL)
+    # Item 3 never changed, yet misses: the overflow bumped the model's generation.
+    assert reader.loads_during(lambda: reader.get(Item, 3)) == 1
+    assert writer.pending_invalidations == 0
+    other = Reader(engine, CacheManager(config))
+    assert other.get(Item, 2) == {"id": 2, "name": "new too"}
+    assert other.get(Item, 1) == NEW
+    assert reader.get(Item, 3) == {"id": 3, "name": "item-3"}
+
+
+async def test_async_commit_during_a_pause_does_not_block_the_event_loop(
+    engine: Engine, key_prefix: str, private_redis: _servers.RedisProcess
+) -> None:
+    writer = CacheManager(redis_config(private_redis, key_prefix))
+    reader = Reader(engine, writer)
+    warm(reader, 1)
+    async_engine = create_async_engine(engine.url.set(drivername="sqlite+aiosqlite"))
+    ticks: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        while not stop.is_set():
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.01)
+
+    try:
+        async with AsyncSession(async_engine, info={"cache_manager": writer}) as session:
+            (await session.get(Item, 1)).name = "new"
+            await session.flush()
+            task = asyncio.create_task(ticker())
+            pause_redis(private_redis, PAUSE_SECONDS)
+            started = time.monotonic()
+            await session.commit()  # its backend write times out (0.5 s) in a worker thread
+            took = time.monotonic() - started
+            stop.set()
+            await task
+    finally:
+        await async_engine.dispose()
+    assert took >= 0.4  # the commit did wait for the backend...
+    during = [tick for tick in ticks if started <= tick <= started + took]
+    assert len(during) >= took / 0.01 / 4  # ...while the event loop kept running
+    assert stats(writer).invalidations_queued == 1
+    assert reader.get(Item, 1) == NEW
+
+
+# --- a hung server ------------------------------------------------------------------------------
+
+
+def test_commit_against_a_hung_memcached_returns(
+    engine: Engine, key_prefix: str, private_memcached: _servers.MemcachedProcess
+) -> None:
+    writer = CacheManager(memcached_config(private_memcached, key_prefix))
+    warm(Reader(engine, writer), 1)
+    pid = private_memcached._process.pid  # type: ignore[union-attr]
+    commit = threading.Thread(target=commit_rename, args=(engine, writer, 1, "new"), daemon=True)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        commit.start()
+        commit.join(2.0)
+        assert not commit.is_alive(), "the commit is still waiting for the hung server"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        commit.join(10)
+    assert database_row(engine, 1) == NEW
+
+
+# --- replay under concurrency (fault injection into the manager's store) ------------------------
+
+
+class FlakyStore:
+    """Wraps a store: ``down`` makes writes fail; ``hold_next`` blocks the next write."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.down = False
+        self.hold_next = False
+        self.holding = threading.Event()
+        self.release = threading.Event()
+        self._lock = threading.Lock()
+
+    def _write_gate(self) -> None:
+        if self.down:
+            raise ConnectionError("injected: backend down")
+        with self._lock:
+            hold, self.hold_next = self.hold_next, False
+        if hold:
+            self.holding.set()
+            assert self.release.wait(10)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return self.inner.get_many(keys)  # type: ignore[no-any-return]
+
+    def set_many(self, mapping: Mapping[str, bytes], ttl: int) -> None:
+        self._write_gate()
+        self.inner.set_many(mapping, ttl)
+
+    def add(self, key: str, value: bytes, ttl: int) -> bool:
+        return self.inner.add(key, value, ttl)  # type: ignore[no-any-return]
+
+    def compare_and_set(self, swaps: Sequence[Any], ttl: int) -> list[bool]:
+        return self.inner.compare_and_set(swaps, ttl)  # type: ignore[no-any-return]
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        self.inner.delete_many(keys)
+
+
+def test_concurrent_replays_never_drop_a_queued_invalidation(
+    engine: Engine, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replay_module, "REPLAY_INTERVAL", 0.0)
+    config = CacheConfig(
+        backend="dogpile.cache.memory", arguments={"cache_dict": {}}, key_prefix=key_prefix
+    )
+    writer = CacheManager(config)
+    reader = Reader(engine, CacheManager(config))
+    warm(reader, 1, 2, 3)
+    cache = writer._cache(Item)
+    assert cache is not None
+    store = FlakyStore(cache.store)
+    cache.store = store  # fault injection: the manager's own store, wrapped
+
+    store.down = True
+    commit_rename(engine, writer, 1, "one")  # queued: [item 1]
+    store.hold_next = True
+    store.down = False
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            writer.get(Item, 2)  # replays [item 1]
+        except BaseException as error:
+            errors.append(error)
+
+    slow = threading.Thread(target=read, daemon=True)
+    slow.start()
+    assert store.holding.wait(10)  # a replay of [item 1] is stuck in its first write
+    read()  # a second replay must not run now (the unfixed code replays and pops item 1)
+    store.down = True
+    commit_rename(engine, writer, 3, "three")  # queued behind: [item 3]
+    store.down = False
+    store.release.set()  # the slow replay finishes: it may pop item 1, and item 1 only
+    slow.join(10)
+    deadline = time.monotonic() + 5
+    while writer.pending_invalidations and time.monotonic() < deadline:
+        read()  # replays whatever is still queued
+        time.sleep(0.01)
+    assert not errors, errors
+    assert writer.pending_invalidations == 0
+    assert reader.get(Item, 3) == {"id": 3, "name": "three"}

@@ -30,6 +30,8 @@ SERVER_EXPIRY_GRACE = 60
 PYMEMCACHE_WITH_TIMEOUTS = "declcache.pymemcache"
 #: Redis socket timeouts unless configured: a dead cache must cost milliseconds, not minutes.
 DEFAULT_REDIS_TIMEOUT = 0.5
+#: Seconds a Memcached node taken out of the ring stays out before it is tried again.
+DEFAULT_MEMCACHED_DEAD_TIMEOUT = 10
 #: Seconds a distributed fill lock lives unless configured: a process that dies holding one
 #: must not make the others wait forever (dogpile's default is "never expires").
 DEFAULT_LOCK_TIMEOUT = 30
@@ -67,6 +69,64 @@ def _without_retries(connection_kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**connection_kwargs, "retry": Retry(NoBackoff(), 0)}
 
 
+def _host_port(node: Any) -> tuple[str, int]:
+    """``"host:port"``, ``[host, port]`` or ``{"host": …, "port": …}`` as a pair."""
+    if isinstance(node, str):
+        host, _, port = node.rpartition(":")
+        return host.strip("[]"), int(port)
+    if isinstance(node, dict):
+        return str(node["host"]), int(node["port"])
+    host, port = node
+    return str(host), int(port)
+
+
+#: What dogpile's cluster backend ignores unless it is in ``connection_kwargs``.
+_CLUSTER_CONNECTION_ARGUMENTS = (
+    "socket_timeout",
+    "socket_connect_timeout",
+    "username",
+    "password",
+    "ssl",
+)
+
+
+def _cluster_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Startup nodes as ``ClusterNode`` objects; timeouts where the cluster client reads them.
+
+    dogpile's cluster backend builds its client from ``url`` or ``startup_nodes`` and
+    ``connection_kwargs`` alone, so timeouts and credentials must travel in the latter.
+    """
+    from redis.cluster import ClusterNode  # noqa: PLC0415 - only for Redis Cluster
+
+    nodes = arguments.get("startup_nodes")
+    if nodes is not None:
+        pairs = [node if isinstance(node, ClusterNode) else _host_port(node) for node in nodes]
+        arguments["startup_nodes"] = [
+            pair if isinstance(pair, ClusterNode) else ClusterNode(*pair)  # type: ignore[no-untyped-call]
+            for pair in pairs
+        ]
+    connection_kwargs = dict(arguments["connection_kwargs"])
+    for name in _CLUSTER_CONNECTION_ARGUMENTS:
+        if arguments.get(name) is not None:
+            connection_kwargs.setdefault(name, arguments[name])
+    arguments["connection_kwargs"] = connection_kwargs
+    return arguments
+
+
+def _sentinel_arguments(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Sentinels as ``(host, port)`` pairs, asked with the same short timeouts."""
+    sentinels = arguments.get("sentinels")
+    if sentinels is not None:
+        arguments["sentinels"] = [_host_port(node) for node in sentinels]
+    sentinel_kwargs = dict(arguments.get("sentinel_kwargs", {}))
+    sentinel_kwargs.setdefault("socket_timeout", arguments["socket_timeout"])
+    sentinel_kwargs.setdefault("socket_connect_timeout", arguments["socket_connect_timeout"])
+    arguments["sentinel_kwargs"] = sentinel_kwargs
+    # dogpile turns its region-level lock on for Sentinel; declcache decides that itself.
+    arguments.setdefault("distributed_lock", False)
+    return arguments
+
+
 def backend_arguments(backend: str, arguments: dict[str, Any], ttl: int) -> dict[str, Any]:
     """The arguments one model's region is configured with."""
     result = dict(arguments)
@@ -81,10 +141,17 @@ def backend_arguments(backend: str, arguments: dict[str, Any], ttl: int) -> dict
             # The async repository takes and releases a lock in two worker threads: a
             # thread-local lock token would make the release fail (dogpile warns the same).
             result.setdefault("thread_local_lock", False)
+        if backend == "dogpile.cache.redis_cluster":
+            result = _cluster_arguments(result)
+        elif backend == "dogpile.cache.redis_sentinel":
+            result = _sentinel_arguments(result)
     elif backend in MEMCACHED_BACKENDS:
         result.setdefault("memcached_expire_time", ttl + SERVER_EXPIRY_GRACE)
         if backend == "dogpile.cache.pymemcache":
             result.setdefault("serde", BytesOnlySerde())
+            # A node that keeps failing leaves the hash ring (its keys go to the others) and
+            # is tried again after this long; pymemcache's default is a minute.
+            result.setdefault("hashclient_dead_timeout", DEFAULT_MEMCACHED_DEAD_TIMEOUT)
     return result
 
 

@@ -29,12 +29,14 @@ from sqlalchemy.orm.attributes import instance_state
 
 from declcache import _backends, _freshness, _wire
 from declcache._api import Ident, Lookup
+from declcache._breaker import BackendUnavailable, Breaker, BreakerStats, GuardedStore
 from declcache._codec import ModelCodec, UnencodableValueError
 from declcache._keys import KeyBuilder, normalized
+from declcache._lru import LRUDict
 from declcache._meta import ModelSpec, resolve_spec
 from declcache._registry import cached_models, declared_meta
 from declcache._replay import ReplayQueue
-from declcache._stats import Counters, FaultLog, ModelStats
+from declcache._stats import Counters, FaultLog, ModelStats, StatsHook
 from declcache._store import Store, Swap, store_for
 from declcache.exceptions import SettingsError
 from declcache.settings import CacheConfig
@@ -93,19 +95,26 @@ class _Ticket:
 class _ModelCache:
     """Everything one manager keeps for one cached model."""
 
-    def __init__(self, spec: ModelSpec, region: CacheRegion, keys: KeyBuilder) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        region: CacheRegion,
+        keys: KeyBuilder,
+        breaker: Breaker,
+        on_stats: StatsHook | None,
+    ) -> None:
         mapper: Mapper[Any] = inspect(spec.model)
         self.spec = spec
         self.mapper = mapper
         self.model: type = spec.model
         self.name = spec.model.__name__
         self.region = region
-        self.store: Store = store_for(region.backend)
+        self.store: Store = GuardedStore(store_for(region.backend), breaker)
         self.keys = keys
         self.codec = ModelCodec(mapper)
         self.format = spec.format
         self.fingerprint = spec.fingerprint
-        self.counters = Counters()
+        self.counters = Counters(self.name, on_stats)
         self.ttl = spec.ttl
         self.server_ttl = spec.ttl + _backends.SERVER_EXPIRY_GRACE
         self.token_ttl = max(spec.ttl * 10, TOKEN_TTL_FLOOR)
@@ -240,18 +249,26 @@ class CacheManager:
     Args:
         config: how to cache; ``None`` means ``CacheConfig()`` (memory backend, defaults).
             Use :meth:`CacheConfig.from_env` to read ``DECLCACHE_*`` variables.
+        on_stats: called with ``(model name, counter name, amount)`` on every increment of
+            a :meth:`stats` counter, e.g. to add it to an OpenTelemetry or Prometheus
+            counter. It runs in the caller's thread and must be quick; what it raises is
+            logged and ignored.
 
     A disabled config (``enabled=False``), or a missing dogpile.cache, gives a manager that
     caches nothing: every lookup misses and every write is a no-op.
     """
 
-    def __init__(self, config: CacheConfig | None = None) -> None:
+    def __init__(
+        self, config: CacheConfig | None = None, *, on_stats: StatsHook | None = None
+    ) -> None:
         self._config = config if config is not None else CacheConfig()
+        self._on_stats = on_stats
         self._caches: dict[type, _ModelCache | None] = {}
         self._lock = threading.RLock()
         self._faults = FaultLog(logger)
         self._first_region: CacheRegion | None = None
-        self._memory: dict[str, Any] = {}
+        self._memory = LRUDict(self._config.memory_max_entries)
+        self._breaker = Breaker(self._config.breaker_interval)
         self._enabled = self._config.enabled and self._dogpile_available()
         if self._enabled:
             _freshness.install()
@@ -321,7 +338,7 @@ class CacheManager:
             return None
         region = self._make_region(spec)
         keys = KeyBuilder(self._config.key_prefix, inspect(model), spec.serializer)
-        return _ModelCache(spec, region, keys)
+        return _ModelCache(spec, region, keys, self._breaker, self._on_stats)
 
     def _make_region(self, spec: ModelSpec) -> CacheRegion:
         from dogpile.cache import make_region  # noqa: PLC0415
@@ -360,6 +377,9 @@ class CacheManager:
 
     def _fault(self, cache: _ModelCache, operation: str, error: Exception) -> None:
         cache.counters.add("errors")
+        if isinstance(error, BackendUnavailable):  # the breaker is open: nothing was called
+            cache.counters.add("short_circuited")
+            return  # the breaker logged when it opened
         self._faults.warning(
             f"{operation}:{type(error).__name__}",
             "cache %s failed for %s, using the database: %r",
@@ -550,7 +570,7 @@ class CacheManager:
                 logger.debug("%s not cached: read before the cache look-up", cache.name)
                 cache.counters.add("fills_refused")
                 continue
-            payload = cache.entity_payload(ticket.generation, instance)
+            payload = self._fitting(cache, cache.entity_payload(ticket.generation, instance))
             if payload is None:
                 continue
             keys = cache.entity_keys(instance)
@@ -565,8 +585,18 @@ class CacheManager:
         if not swaps:
             return
         stored = cache.store.compare_and_set(swaps, cache.server_ttl)
+        written = sum(len(swap[2]) for swap, done in zip(swaps, stored, strict=True) if done)
+        cache.counters.add("bytes", written)
         cache.counters.add("fills", sum(stored))
         cache.counters.add("fills_refused", len(stored) - sum(stored))
+
+    def _fitting(self, cache: _ModelCache, payload: bytes | None) -> bytes | None:
+        """``payload``, or ``None`` (counted) when it is larger than ``max_value_bytes``."""
+        if payload is not None and len(payload) > self._config.max_value_bytes:
+            logger.debug("%s not cached: %d bytes", cache.name, len(payload))
+            cache.counters.add("oversized")
+            return None
+        return payload
 
     def set(self, model: type, instance: object) -> bool:
         """Cache ``instance`` (loaded from the database) under each of its keys; warm-up use.
@@ -588,7 +618,7 @@ class CacheManager:
             mapping: dict[str, bytes] = {}
             stored = 0
             for instance in instances:
-                payload = cache.entity_payload(generation, instance)
+                payload = self._fitting(cache, cache.entity_payload(generation, instance))
                 if payload is None:
                     continue
                 stored += 1
@@ -603,6 +633,7 @@ class CacheManager:
         except Exception as error:
             self._fault(cache, "set", error)
             return 0
+        cache.counters.add("bytes", sum(len(value) for value in mapping.values()))
         cache.counters.add("fills", stored)
         return stored
 
@@ -666,6 +697,8 @@ class CacheManager:
         """
         if not self._config.arguments.get("distributed_lock"):
             return None
+        if self._breaker.state != "closed":  # the lock lives on the backend that failed
+            return None
         cache = self._usable(model)
         if cache is None:
             return None
@@ -699,11 +732,15 @@ class CacheManager:
                 return
             if len(body) != len(result):
                 return
+        payload = self._fitting(cache, cache.dump(version, _LIST, *body))
+        if payload is None:
+            return
         try:
-            cache.store.set_many({key: cache.dump(version, _LIST, *body)}, cache.server_ttl)
+            cache.store.set_many({key: payload}, cache.server_ttl)
         except Exception as error:
             self._fault(cache, "set", error)
             return
+        cache.counters.add("bytes", len(payload))
         cache.counters.add("fills")
 
     # -- invalidation ----------------------------------------------------------------------
@@ -828,6 +865,10 @@ class CacheManager:
         with self._lock:
             caches = [cache for cache in self._caches.values() if cache is not None]
         return {cache.name: cache.counters.snapshot() for cache in caches}
+
+    def breaker_stats(self) -> BreakerStats:
+        """The circuit breaker in front of the backend: state, times opened, calls refused."""
+        return self._breaker.stats()
 
     @property
     def pending_invalidations(self) -> int:

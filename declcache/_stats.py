@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import logging
-
-__all__ = ["Counters", "FaultLog", "ModelStats"]
+__all__ = ["Counters", "FaultLog", "ModelStats", "StatsHook"]
 
 
 @dataclass
@@ -22,12 +20,17 @@ class ModelStats:
         misses: lookups the database had to answer.
         fills: entries written after a database read.
         invalidations: entries dropped because the data changed (or on request).
-        errors: backend faults and undecodable payloads; each degraded to the database.
+        errors: backend faults (also while the circuit breaker is open) and undecodable
+            payloads; each degraded to the database.
         fills_refused: fills dropped because the entry was invalidated while the database
             was being read (the no-stale-fill guard at work).
         invalidations_queued: invalidations kept for replay while the backend was down.
         invalidations_overflowed: times the replay queue was full and the whole model was
             marked for invalidation instead.
+        oversized: payloads not cached because they exceeded ``max_value_bytes``.
+        bytes: payload bytes written to the backend by fills (entities and lists).
+        short_circuited: the errors that never reached the backend because the circuit
+            breaker was open: answered as a miss (or a queued invalidation) at once.
     """
 
     hits: int = 0
@@ -38,25 +41,45 @@ class ModelStats:
     fills_refused: int = 0
     invalidations_queued: int = 0
     invalidations_overflowed: int = 0
+    oversized: int = 0
+    bytes: int = 0
+    short_circuited: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict, for JSON and tables."""
         return {item.name: getattr(self, item.name) for item in fields(self)}
 
 
+#: ``on_stats(model, counter, amount)``: told of every increment, e.g. to feed metrics.
+StatsHook = Callable[[str, str, int], None]
+
+
 class Counters:
-    """Thread-safe increments of :class:`ModelStats`, one instance per model."""
+    """Thread-safe increments of :class:`ModelStats`, one instance per model.
 
-    __slots__ = ("_lock", "_stats")
+    Args:
+        model: the model's name, passed to ``hook``.
+        hook: called after each increment with ``(model, counter, amount)``; an exception
+            it raises is logged and ignored, so exporting can never fail a request.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_hook", "_lock", "_model", "_stats")
+
+    def __init__(self, model: str = "", hook: StatsHook | None = None) -> None:
         self._stats = ModelStats()
         self._lock = threading.Lock()
+        self._model = model
+        self._hook = hook
 
     def add(self, name: str, amount: int = 1) -> None:
         """Add ``amount`` to the counter ``name``."""
         with self._lock:
             setattr(self._stats, name, getattr(self._stats, name) + amount)
+        if self._hook is not None and amount:
+            try:
+                self._hook(self._model, name, amount)
+            except Exception:
+                _hook_faults.warning("hook", "the on_stats hook failed", exc_info=True)
 
     def snapshot(self) -> ModelStats:
         """A copy of the counters, safe to keep."""
@@ -73,7 +96,7 @@ class FaultLog:
         self._last: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
 
-    def warning(self, kind: str, message: str, *args: object) -> None:
+    def warning(self, kind: str, message: str, *args: object, exc_info: bool = False) -> None:
         """Log ``message`` unless ``kind`` was logged less than ``interval`` seconds ago."""
         now = time.monotonic()
         with self._lock:
@@ -83,4 +106,7 @@ class FaultLog:
                 return
             self._last[kind] = (now, 0)
         suffix = f" ({hidden} similar faults not logged)" if hidden else ""
-        self._logger.warning(message + suffix, *args)
+        self._logger.warning(message + suffix, *args, exc_info=exc_info)
+
+
+_hook_faults = FaultLog(logging.getLogger("declcache.stats"))

@@ -116,9 +116,10 @@ class RedisStore:
         self._per_key = type(client).__name__ == "RedisCluster"
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        """One ``MGET``."""
+        """One ``MGET`` (on a cluster, one per slot, in the order of ``keys``)."""
         if self._per_key:
-            return [self._client.get(key) for key in keys]
+            found: list[bytes | None] = self._client.mget_nonatomic(list(keys))
+            return found
         values: list[bytes | None] = self._client.mget(keys)
         return values
 
@@ -146,6 +147,13 @@ class RedisStore:
             args += [expected if expected is not None else b"", new]
         args.append(ttl)
         return [bool(flag) for flag in self._script(keys=keys, args=args)]
+
+    def reset_connections(self) -> None:
+        """Close every pooled connection; each reconnects on its next use."""
+        if self._per_key:
+            self._client.disconnect_connection_pools()
+        else:
+            self._client.connection_pool.disconnect()
 
     def delete_many(self, keys: Sequence[str]) -> None:
         """``DEL`` (one per key on a cluster)."""

@@ -11,7 +11,10 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 __all__ = ["parse_cache_url"]
 
-_SCHEMES = "redis://, rediss://, memcached://, file://, memory://, null://"
+_SCHEMES = (
+    "redis://, rediss://, redis+cluster://, redis+sentinel://, memcached://, file://, "
+    "memory://, null://"
+)
 
 
 def _coerce(text: str) -> Any:
@@ -67,15 +70,65 @@ def _redis(url: str) -> tuple[str, dict[str, Any]]:
     return "dogpile.cache.redis", arguments
 
 
-def _memcached(url: str) -> tuple[str, dict[str, Any]]:
-    netloc = url[len("memcached://") :].split("/", 1)[0].split("?", 1)[0]
+def _nodes(netloc: str, default_port: int, example: str) -> list[str]:
+    """``host:port`` of each comma-separated node of a URL's network location."""
     servers = [item.strip() for item in netloc.split(",") if item.strip()]
     if not servers:
-        raise ValueError("no server in memcached://host:port[,host:port]")
+        raise ValueError(f"no server in {example}")
     nodes = []
     for server in servers:
-        host, port = _host_port(server, 11211)
+        host, port = _host_port(server, default_port)
         nodes.append(f"{host}:{port}")
+    return nodes
+
+
+def _credentials(netloc: str) -> tuple[str, dict[str, Any]]:
+    """Split ``[user[:password]@]nodes`` into the nodes and credential arguments."""
+    userinfo, at, nodes = netloc.rpartition("@")
+    if not at:
+        return netloc, {}
+    arguments: dict[str, Any] = {}
+    username, _, password = userinfo.partition(":")
+    if username:
+        arguments["username"] = unquote(username)
+    if password:
+        arguments["password"] = unquote(password)
+    return nodes, arguments
+
+
+def _redis_cluster(url: str) -> tuple[str, dict[str, Any]]:
+    rest = url.split("://", 1)[1]
+    netloc, _, query = rest.partition("?")
+    netloc = netloc.split("/", 1)[0]
+    netloc, arguments = _credentials(netloc)
+    example = "redis+cluster://host:port[,host:port]"
+    arguments["startup_nodes"] = _nodes(netloc, 6379, example)
+    arguments.update({key: _coerce(value) for key, value in parse_qsl(query)})
+    return "dogpile.cache.redis_cluster", arguments
+
+
+def _redis_sentinel(url: str) -> tuple[str, dict[str, Any]]:
+    rest = url.split("://", 1)[1]
+    location, _, query = rest.partition("?")
+    netloc, _, path = location.partition("/")
+    netloc, arguments = _credentials(netloc)
+    example = "redis+sentinel://host:port[,host:port]/service[/db]"
+    arguments["sentinels"] = _nodes(netloc, 26379, example)
+    service, _, db_text = path.strip("/").partition("/")
+    if not service:
+        raise ValueError(f"no service name in {url!r}; expected {example}")
+    arguments["service_name"] = unquote(service)
+    if db_text:
+        if not db_text.isdigit():
+            raise ValueError(f"database {db_text!r} is not a number ({example})")
+        arguments["db"] = int(db_text)
+    arguments.update({key: _coerce(value) for key, value in parse_qsl(query)})
+    return "dogpile.cache.redis_sentinel", arguments
+
+
+def _memcached(url: str) -> tuple[str, dict[str, Any]]:
+    netloc = url[len("memcached://") :].split("/", 1)[0].split("?", 1)[0]
+    nodes = _nodes(netloc, 11211, "memcached://host:port[,host:port]")
     query = urlsplit(url).query
     arguments: dict[str, Any] = {"url": nodes}
     arguments.update({key: _coerce(value) for key, value in parse_qsl(query)})
@@ -99,6 +152,9 @@ def parse_cache_url(url: str) -> tuple[str, dict[str, Any]]:
 
     Args:
         url: ``redis://[user:password@]host[:port][/db][?option=value]``, ``rediss://…``,
+            ``redis+cluster://[user:password@]host:port[,host:port]`` (Redis Cluster, any
+            of its nodes), ``redis+sentinel://[user:password@]host:port[,host:port]/service[/db]``
+            (the Sentinels, and the name of the master they watch),
             ``memcached://host:port[,host:port]``, ``file:///path/cache.dbm``, ``memory://``
             or ``null://``. Query options become backend arguments
             (``redis://h/0?distributed_lock=true``).
@@ -109,6 +165,10 @@ def parse_cache_url(url: str) -> tuple[str, dict[str, Any]]:
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in {"redis", "rediss"}:
         return _redis(url)
+    if scheme == "redis+cluster":
+        return _redis_cluster(url)
+    if scheme == "redis+sentinel":
+        return _redis_sentinel(url)
     if scheme == "memcached":
         return _memcached(url)
     if scheme == "file":

@@ -24,6 +24,8 @@ from typing import Annotated, Any, ClassVar, Self
 from pydantic import ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from declcache._breaker import DEFAULT_BREAKER_INTERVAL
+from declcache._lru import DEFAULT_MEMORY_MAX_ENTRIES
 from declcache._meta import check_override
 from declcache._urls import parse_cache_url
 from declcache.exceptions import SettingsError
@@ -37,6 +39,8 @@ DEFAULT_EXPIRATION_TIME = 3600
 DEFAULT_KEY_PREFIX = "dc:"
 DEFAULT_SERIALIZER = "json"
 MAX_KEY_PREFIX_LENGTH = 64
+#: Payloads larger than this are not cached: below Memcached's 1 MiB item size.
+DEFAULT_MAX_VALUE_BYTES = 512 * 1024
 
 #: Backend names a user may write, mapped to the dogpile backend declcache configures.
 BACKEND_ALIASES: Mapping[str, str] = {
@@ -83,6 +87,9 @@ class CacheSettings(BaseSettings):
     key_prefix: str = DEFAULT_KEY_PREFIX
     serializer: str = DEFAULT_SERIALIZER
     models: Annotated[dict[str, dict[str, Any]], NoDecode] = {}
+    memory_max_entries: int = DEFAULT_MEMORY_MAX_ENTRIES
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    breaker_interval: float = DEFAULT_BREAKER_INTERVAL
 
     @field_validator("arguments", "models", mode="before")
     @classmethod
@@ -100,6 +107,20 @@ class CacheSettings(BaseSettings):
     def _positive(cls, value: int) -> int:
         if value <= 0:
             raise ValueError("must be a positive number of seconds")
+        return value
+
+    @field_validator("memory_max_entries", "max_value_bytes")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("breaker_interval")
+    @classmethod
+    def _not_negative(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError("must be 0 (no circuit breaker) or a positive number of seconds")
         return value
 
 
@@ -136,6 +157,11 @@ class CacheConfig:
             explicit ``arguments`` are merged over the ones the URL gives.
         models: per-model overrides keyed by class or table name,
             e.g. ``{"users": {"ttl": 60}}``; they beat the model's CacheMeta.
+        memory_max_entries: entries the memory backend keeps (least recently used dropped);
+            only when declcache makes the dict, not for an explicit ``cache_dict`` argument.
+        max_value_bytes: a payload larger than this is not cached (counted as ``oversized``).
+        breaker_interval: seconds the backend is left alone after a fault before one call
+            tries it again; ``0`` turns the circuit breaker off.
         sources: where each field came from (``"DECLCACHE_BACKEND"``, ``"argument"``,
             ``"default"``, ``"CacheConfig(ttl=...)"``); shown by ``declcache inspect``.
 
@@ -152,6 +178,9 @@ class CacheConfig:
     deserializer: Callable[[bytes], Any] | None = None
     url: str | None = None
     models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    memory_max_entries: int = DEFAULT_MEMORY_MAX_ENTRIES
+    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
+    breaker_interval: float = DEFAULT_BREAKER_INTERVAL
     sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     _FIELDS_FROM_ENV: ClassVar[tuple[str, ...]] = (
@@ -163,6 +192,9 @@ class CacheConfig:
         "serializer",
         "url",
         "models",
+        "memory_max_entries",
+        "max_value_bytes",
+        "breaker_interval",
     )
 
     def __post_init__(self) -> None:
@@ -173,6 +205,7 @@ class CacheConfig:
         }
         object.__setattr__(self, "sources", sources)
         self._check_expiration_time()
+        self._check_limits()
         self._check_key_prefix()
         self._check_serializer_pair()
         self._check_models()
@@ -233,6 +266,20 @@ class CacheConfig:
             raise SettingsError(
                 self.setting_name("expiration_time"),
                 f"expected a positive whole number of seconds, got {value!r}",
+            )
+
+    def _check_limits(self) -> None:
+        for name in ("memory_max_entries", "max_value_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SettingsError(
+                    self.setting_name(name), f"expected a whole number of at least 1, got {value!r}"
+                )
+        interval = self.breaker_interval
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or interval < 0:
+            raise SettingsError(
+                self.setting_name("breaker_interval"),
+                f"expected 0 (off) or a positive number of seconds, got {interval!r}",
             )
 
     def _check_key_prefix(self) -> None:

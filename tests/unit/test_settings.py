@@ -28,6 +28,9 @@ DEFAULTS = {
     "deserializer": None,
     "url": None,
     "models": {},
+    "memory_max_entries": 10_000,
+    "max_value_bytes": 512 * 1024,
+    "breaker_interval": 1.0,
 }
 
 

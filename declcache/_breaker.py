@@ -1,0 +1,222 @@
+"""A circuit breaker in front of the backend: a dead cache costs one timeout per interval.
+
+Without it every request pays a connect timeout (or a refused connection) against a dead
+server. After a fault the breaker *opens*: for ``interval`` seconds no call reaches the
+backend, each one fails at once with :class:`BackendUnavailable` (the manager answers a miss
+and queues invalidations for replay). Then it is *half-open*: exactly one call goes through
+as a probe; success *closes* it, a fault opens it for another interval. Each state change is
+logged once, under ``declcache.breaker``.
+
+:class:`GuardedStore` applies one manager's breaker to each model's store.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+
+    from declcache._store import Store, Swap
+
+__all__ = [
+    "DEFAULT_BREAKER_INTERVAL",
+    "BackendUnavailable",
+    "Breaker",
+    "BreakerStats",
+    "GuardedStore",
+]
+
+logger = logging.getLogger("declcache.breaker")
+
+#: Seconds the backend is left alone after a fault unless configured.
+DEFAULT_BREAKER_INTERVAL = 1.0
+
+State = Literal["closed", "open", "half-open"]
+
+
+class BackendUnavailable(ConnectionError):
+    """The breaker is open: the backend was not called."""
+
+
+@dataclass(frozen=True)
+class BreakerStats:
+    """The breaker of one manager, as :meth:`CacheManager.breaker_stats` reports it.
+
+    Attributes:
+        state: ``"closed"`` (calls go through), ``"open"`` or ``"half-open"`` (probing).
+        opened: how many times it opened since the manager started.
+        refused: calls answered without calling the backend while it was open.
+    """
+
+    state: State
+    opened: int
+    refused: int
+
+
+class Breaker:
+    """Closed, open or half-open; thread-safe.
+
+    Args:
+        interval: seconds to stay open after a fault; ``0`` never opens.
+        clock: monotonic time source (tests pass a fake one).
+    """
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._state: State = "closed"
+        self._until = 0.0
+        self._opened_at = float("-inf")
+        self._probe_started = float("-inf")
+        self._closed_at = float("-inf")
+        self._opened = 0
+        self._refused = 0
+        self._lock = threading.Lock()
+
+    @property
+    def state(self) -> State:
+        """The current state."""
+        return self._state
+
+    def _current(self) -> State:
+        """The state, read afresh (a method, so type checkers do not narrow it)."""
+        return self._state
+
+    def stats(self) -> BreakerStats:
+        """A snapshot of the state and counters."""
+        with self._lock:
+            return BreakerStats(self._state, self._opened, self._refused)
+
+    def allow(self) -> bool:
+        """Whether a call may go to the backend now (at most one probe when half-open)."""
+        return self.admit() is not None
+
+    def admit(self) -> Literal["call", "probe"] | None:
+        """``"call"`` when closed, ``"probe"`` for the one probe, ``None`` when refused."""
+        if self.state == "closed":
+            return "call"
+        with self._lock:
+            state = self._current()  # again, under the lock
+            now = self._clock()
+            if state == "open" and now >= self._until:
+                self._state = "half-open"
+                self._probe_started = now
+                return "probe"
+            if state == "closed":
+                return "call"
+            self._refused += 1
+            return None
+
+    def succeeded(self, started: float) -> None:
+        """A call that began at ``started`` went through: close the breaker if it was open.
+
+        A call that began before the breaker last opened proves nothing and is ignored.
+        """
+        if self.state == "closed":
+            return
+        with self._lock:
+            if self._current() == "closed" or started < self._opened_at:
+                return
+            self._state = "closed"
+            self._closed_at = started
+        logger.warning("cache backend answers again: circuit breaker closed")
+
+    def now(self) -> float:
+        """The breaker's clock."""
+        return self._clock()
+
+    def failed(self, error: BaseException, started: float) -> None:
+        """A call that began at ``started`` failed: open the breaker for another interval.
+
+        The interval counts from the start of the failed call, so a call that timed out does
+        not stretch the time until the next probe: the backend gets one call per interval.
+        """
+        if self.interval <= 0:
+            return
+        with self._lock:
+            was = self._state
+            if was == "half-open" and started < self._probe_started:
+                return  # a call older than the probe: the probe decides
+            if was == "closed" and started < self._closed_at:
+                return  # began before the probe that closed it: nothing new
+            self._state = "open"
+            self._until = max(self._until, started + self.interval)
+            if was == "closed":
+                self._opened += 1
+                self._opened_at = started
+        if was == "closed":
+            logger.warning(
+                "cache backend failed (%r): circuit breaker open, calls skipped for %.3g s "
+                "at a time until it answers",
+                error,
+                self.interval,
+            )
+
+
+class GuardedStore:
+    """A store whose calls go through a :class:`Breaker`.
+
+    Args:
+        inner: the backend's store.
+        breaker: the manager's breaker, shared by every model's store.
+    """
+
+    def __init__(self, inner: Store, breaker: Breaker) -> None:
+        self.inner = inner
+        self.breaker = breaker
+
+    def _call(self, method: str, *args: Any) -> Any:
+        admitted = self.breaker.admit()
+        if admitted is None:
+            raise BackendUnavailable("circuit breaker open: cache backend not called")
+        if admitted == "probe":
+            self._reset_connections()
+        started = self.breaker.now()
+        try:
+            result = getattr(self.inner, method)(*args)
+        except Exception as error:
+            self.breaker.failed(error, started)
+            raise
+        self.breaker.succeeded(started)
+        return result
+
+    def _reset_connections(self) -> None:
+        """Before a probe: drop pooled connections, which may lead to a server since restarted.
+
+        Otherwise each stale connection would fail once after the backend returned, and
+        open the breaker again each time.
+        """
+        reset = getattr(self.inner, "reset_connections", None)
+        if reset is None:
+            return
+        try:
+            reset()
+        except Exception as error:  # the probe that follows reports the real state
+            logger.debug("could not reset the backend's connections: %r", error)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """See :meth:`Store.get_many`."""
+        result: list[bytes | None] = self._call("get_many", keys)
+        return result
+
+    def set_many(self, mapping: Mapping[str, bytes], ttl: int) -> None:
+        """See :meth:`Store.set_many`."""
+        self._call("set_many", mapping, ttl)
+
+    def add(self, key: str, value: bytes, ttl: int) -> bool:
+        """See :meth:`Store.add`."""
+        return bool(self._call("add", key, value, ttl))
+
+    def compare_and_set(self, swaps: Sequence[Swap], ttl: int) -> list[bool]:
+        """See :meth:`Store.compare_and_set`."""
+        result: list[bool] = self._call("compare_and_set", swaps, ttl)
+        return result
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """See :meth:`Store.delete_many`."""
+        self._call("delete_many", keys)

@@ -1,4 +1,8 @@
-"""``python -m example_project``: seed SQLite, read through the cache and without, compare."""
+"""``python -m example_project``: seed SQLite, read through the cache and without, compare.
+
+``python -m example_project serve`` starts the shop's web API (Litestar, needs uvicorn) instead.
+Settings come from the environment and ``example_project/.env`` (see settings.py).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 from sqlalchemy import create_engine
 
 from declcache import CacheConfig, CacheManager, setup_cache_listeners
+from example_project.settings import ExampleSettings, load_settings
 from example_project.workload import RunResult, run, seed
 
 
@@ -46,17 +51,49 @@ def _table(cached: RunResult, uncached: RunResult, manager: CacheManager) -> str
     return "\n".join(f"{name:<{width}}  {value:>10}" for name, value in rows)
 
 
+def serve(argv: list[str], settings: ExampleSettings) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m example_project serve", description="Start the shop's web API."
+    )
+    parser.add_argument("--host", default=settings.host, help="default: EXAMPLE_HOST")
+    parser.add_argument("--port", type=int, default=settings.port, help="default: EXAMPLE_PORT")
+    args = parser.parse_args(argv)
+    try:
+        import uvicorn  # noqa: PLC0415 - optional: only `serve` needs it
+    except ImportError:
+        print("serve needs uvicorn and litestar: pip install 'declcache[litestar]' uvicorn")
+        return 2
+    from example_project.api import create_app  # noqa: PLC0415 - needs litestar
+
+    uvicorn.run(create_app(), host=args.host, port=args.port)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m example_project", description=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    settings = load_settings()
+    if argv[:1] == ["serve"]:
+        return serve(argv[1:], settings)
+    parser = argparse.ArgumentParser(
+        prog="python -m example_project",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--reads", type=int, default=3000, help="reads per run (default 3000)")
-    parser.add_argument("--customers", type=int, default=500, help="rows to seed (default 500)")
-    parser.add_argument("--database", help="SQLAlchemy URL (default: a SQLite file in a temp dir)")
+    parser.add_argument(
+        "--customers", type=int, default=settings.customers, help="rows to seed (EXAMPLE_CUSTOMERS)"
+    )
+    parser.add_argument(
+        "--database",
+        default=settings.database_url or None,
+        help="SQLAlchemy URL (EXAMPLE_DATABASE_URL; default: a SQLite file in a temp dir)",
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         url = args.database or f"sqlite:///{Path(tmp) / 'shop.db'}"
         engine = create_engine(url)
-        seed(engine, customers=args.customers, products=50)
+        seed(engine, customers=args.customers, products=settings.products)
         manager = CacheManager(CacheConfig.from_env())
         setup_cache_listeners()
         print(f"declcache demo: {url.split('://')[0]} database, {manager.config.backend} cache")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 
-from sqlalchemy import ForeignKey, Numeric, String
+from sqlalchemy import DateTime, ForeignKey, Numeric, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -17,7 +17,7 @@ class CachedTimestamps:
     """Mixin: every model using it is cached for five minutes unless it says otherwise."""
 
     created_at: Mapped[dt.datetime] = mapped_column(
-        default=lambda: dt.datetime.now(dt.UTC).replace(microsecond=0)
+        DateTime(timezone=True), default=lambda: dt.datetime.now(dt.UTC).replace(microsecond=0)
     )
 
     class CacheMeta:

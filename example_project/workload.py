@@ -10,11 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import StaticPool
 
-from declcache import CacheManager
+from declcache import CacheConfig, CacheManager, setup_cache_listeners
 from example_project.models import Base, Customer, Product
+from example_project.settings import load_settings
 
 
 @dataclass
@@ -81,3 +83,26 @@ def run(
         progress(done)
     event.remove(engine, "before_cursor_execute", counter._count)
     return RunResult(label, reads, counter.count, latencies)
+
+
+def demo_manager(reads: int = 1000, customers: int = 200) -> CacheManager:
+    """Run a short workload on an in-memory SQLite database and return its manager.
+
+    ``declcache stats example_project.workload:demo_manager`` (or ``--run-example``) prints
+    its counters: reads of customers and products, then one committed rename.
+    """
+    load_settings()  # example_project/.env, under the environment
+    manager = CacheManager(CacheConfig.from_env())
+    setup_cache_listeners()
+    engine = create_engine("sqlite://", poolclass=StaticPool)
+    seed(engine, customers=customers, products=20)
+    run(engine, manager, label="cached", reads=reads, customers=customers)
+    with Session(engine, info={"cache_manager": manager}) as session:
+        for number in (1, 2, 3, 1, 2):
+            sku = f"SKU-{number:05d}"
+            manager.load(Product, sku, partial(session.get, Product, sku))
+        customer = manager.load(Customer, 1, partial(session.get, Customer, 1))
+        session.merge(customer).name = "Renamed customer"
+        session.commit()  # invalidates customer 1 after the commit
+    engine.dispose()
+    return manager

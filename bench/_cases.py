@@ -1,0 +1,377 @@
+"""The timed cases: each is one operation on a random id, timed alone, in a fresh session."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import json
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from dogpile.cache import make_region
+from sqlalchemy import create_engine, event
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, make_transient_to_detached, sessionmaker
+from sqlalchemy.orm.attributes import instance_state
+
+from bench import _env
+from bench._env import Account
+from declcache import CacheConfig, CacheManager, setup_cache_listeners
+from declcache.repository import SQLAlchemyAsyncRepository, SQLAlchemySyncRepository
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+SESSION_OPTIONS: dict[str, Any] = {"expire_on_commit": False}
+
+
+class AccountRepository(SQLAlchemySyncRepository[Account]):
+    model_type = Account
+
+
+class AsyncAccountRepository(SQLAlchemyAsyncRepository[Account]):
+    model_type = Account
+
+
+@dataclass
+class Case:
+    """One timed operation. ``run(i)`` or ``arun(i)``; ``before(i)`` runs untimed first."""
+
+    section: str
+    name: str
+    run: Callable[[int], Any] | None = None
+    arun: Callable[[int], Awaitable[Any]] | None = None
+    before: Callable[[int], Any] | None = None
+    samples: list[int] = field(default_factory=list)
+    queries: int = 0
+
+
+#: SELECTs of the benchmark table run by every engine of the stack, so far.
+SELECTS = [0]
+
+
+def _count_select(*args: Any) -> None:
+    statement = args[2]
+    if statement.lstrip().upper().startswith("SELECT") and "bench_accounts" in statement:
+        SELECTS[0] += 1
+
+
+@dataclass
+class Stack:
+    """The engines, managers and regions the cases use, and how to release them."""
+
+    run_prefix: str
+    databases: _env.Databases
+    engines: dict[str, Any] = field(default_factory=dict)
+    async_engines: dict[str, Any] = field(default_factory=dict)
+    managers: list[CacheManager] = field(default_factory=list)
+    redis_used: bool = False
+    first_db: str = "sqlite"
+    notes: list[str] = field(default_factory=list)
+
+    def engine(self, db: str) -> Any:
+        if db not in self.engines:
+            self.engines[db] = create_engine(self.databases.urls[db][0], pool_size=20)
+            event.listen(self.engines[db], "before_cursor_execute", _count_select)
+        return self.engines[db]
+
+    def async_engine(self, db: str) -> Any:
+        if db not in self.async_engines:
+            self.async_engines[db] = create_async_engine(self.databases.urls[db][1])
+            event.listen(self.async_engines[db].sync_engine, "before_cursor_execute", _count_select)
+        return self.async_engines[db]
+
+    def manager(self, backend: str, tag: str) -> CacheManager:
+        name, arguments = _env.cache_backend(backend)
+        self.redis_used |= backend == "redis"
+        manager = CacheManager(
+            CacheConfig(backend=name, arguments=arguments, key_prefix=f"{self.run_prefix}{tag}:")
+        )
+        self.managers.append(manager)
+        return manager
+
+    def sessions(self, db: str, manager: CacheManager | None = None) -> sessionmaker[Session]:
+        info = {} if manager is None else {"cache_manager": manager}
+        return sessionmaker(bind=self.engine(db), info=info, **SESSION_OPTIONS)
+
+    def async_sessions(self, db: str, manager: CacheManager | None = None) -> Any:
+        info = {} if manager is None else {"cache_manager": manager}
+        return async_sessionmaker(bind=self.async_engine(db), info=info, **SESSION_OPTIONS)
+
+
+def warm(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session:
+        repository = AccountRepository(session=session)
+        for ident in range(1, _env.ROWS + 1):
+            repository.get(ident)
+
+
+# -- (1) uncached --------------------------------------------------------------------------
+
+
+def uncached_cases(stack: Stack, db: str) -> list[Case]:
+    sessions = stack.sessions(db)
+    async_sessions = stack.async_sessions(db)
+
+    def run(ident: int) -> None:
+        with sessions() as session:
+            session.get(Account, ident)
+
+    async def arun(ident: int) -> None:
+        async with async_sessions() as session:
+            await session.get(Account, ident)
+
+    return [
+        Case("uncached", f"session.get {db} sync", run=run),
+        Case("uncached", f"session.get {db} async", arun=arun),
+    ]
+
+
+# -- (2) the floor ----------------------------------------------------------------------------
+
+
+def _row_values(account: Account) -> list[Any]:
+    return [
+        account.id,
+        account.email,
+        account.name,
+        account.visits,
+        account.created_at.isoformat(),
+        str(account.balance),
+        account.active,
+    ]
+
+
+def floor_case(stack: Stack, backend: str, rows: list[Account]) -> Case:
+    """Raw dogpile ``region.get`` of the serialized row, decoded into a detached instance."""
+    from declcache._backends import BytesOnlySerde
+
+    name, arguments = _env.cache_backend(backend)
+    if backend == "memcached":
+        arguments = {**arguments, "serde": BytesOnlySerde()}
+    region = make_region(
+        serializer=lambda value: json.dumps(value, separators=(",", ":")).encode(),
+        deserializer=json.loads,
+    ).configure(name, expiration_time=_env.TTL, arguments=arguments)
+    stack.redis_used |= backend == "redis"
+    prefix = f"{stack.run_prefix}floor:{backend}:"
+    region.set_multi({f"{prefix}{row.id}": _row_values(row) for row in rows})
+    new_instance = Account.__mapper__.class_manager.new_instance
+    fromisoformat, decimal_ = dt.datetime.fromisoformat, decimal.Decimal
+
+    def run(ident: int) -> Account:
+        values = region.get(f"{prefix}{ident}")
+        instance = new_instance()
+        state = instance_state(instance).dict
+        state["id"], state["email"], state["name"], state["visits"] = values[:4]
+        state["created_at"] = fromisoformat(values[4])
+        state["balance"] = decimal_(values[5])
+        state["active"] = values[6]
+        make_transient_to_detached(instance)
+        return instance
+
+    return Case("floor", f"dogpile region.get {backend}", run=run)
+
+
+def floor_in_session_case(stack: Stack, floor: Case) -> Case:
+    """The floor plus what every repository read pays first: a fresh session, closed after."""
+    sessions = stack.sessions(stack.first_db)
+    read = floor.run
+    assert read is not None
+
+    def run(ident: int) -> None:
+        with sessions():
+            read(ident)
+
+    return Case("layers", f"{floor.name} + fresh session", run=run)
+
+
+# -- (3) declcache hits -----------------------------------------------------------------------
+
+
+def hit_cases(stack: Stack, backend: str, db: str) -> list[Case]:
+    manager = stack.manager(backend, f"hit-{backend}-{db}")
+    sessions = stack.sessions(db, manager)
+    async_sessions = stack.async_sessions(db, manager)
+    warm(sessions)
+
+    def run(ident: int) -> None:
+        with sessions() as session:
+            AccountRepository(session=session).get(ident)
+
+    async def arun(ident: int) -> None:
+        async with async_sessions() as session:
+            await AsyncAccountRepository(session=session).get(ident)
+
+    cases = [
+        Case("declcache hit", f"repo.get {backend} {db} sync", run=run),
+        Case("declcache hit", f"repo.get {backend} {db} async", arun=arun),
+    ]
+    if db == stack.first_db:  # the layers under repo.get, once per backend
+
+        def empty_session(_ident: int) -> None:
+            with sessions() as session:
+                AccountRepository(session=session)
+
+        async def empty_async_session(_ident: int) -> None:
+            async with async_sessions() as session:
+                AsyncAccountRepository(session=session)
+
+        cases += [
+            Case("layers", f"CacheManager.get {backend}", run=lambda i: manager.get(Account, i)),
+            Case("layers", "fresh session + repository, no read", run=empty_session),
+            Case("layers", "fresh AsyncSession + repository, no read", arun=empty_async_session),
+        ]
+    return cases
+
+
+def miss_case(stack: Stack, backend: str, db: str) -> Case:
+    """A miss: backend get, query, fill (the invalidation before it is not timed)."""
+    manager = stack.manager(backend, f"miss-{backend}-{db}")
+    sessions = stack.sessions(db, manager)
+
+    def run(ident: int) -> None:
+        with sessions() as session:
+            AccountRepository(session=session).get(ident)
+
+    return Case(
+        "declcache miss",
+        f"repo.get miss {backend} {db} sync",
+        run=run,
+        before=lambda ident: manager.invalidate(Account, ident),
+    )
+
+
+# -- (4) the peer ------------------------------------------------------------------------------
+
+
+def peer_cases(stack: Stack, backend: str, db: str) -> list[Case]:
+    from advanced_alchemy.cache import CacheConfig as PeerConfig
+    from advanced_alchemy.cache import CacheManager as PeerManager
+    from advanced_alchemy.repository import (
+        SQLAlchemyAsyncRepository as PeerAsyncRepository,
+    )
+    from advanced_alchemy.repository import (
+        SQLAlchemySyncRepository as PeerSyncRepository,
+    )
+
+    class PeerRepository(PeerSyncRepository[Account]):  # type: ignore[type-var]
+        model_type = Account
+
+    class PeerAsyncAccountRepository(PeerAsyncRepository[Account]):  # type: ignore[type-var]
+        model_type = Account
+
+    name, arguments = _env.cache_backend(backend)
+    stack.redis_used |= backend == "redis"
+    peer = PeerManager(
+        PeerConfig(
+            backend=name,
+            expiration_time=_env.TTL,
+            arguments=arguments,
+            key_prefix=f"{stack.run_prefix}aa-{backend}-{db}:",
+        )
+    )
+    sessions = stack.sessions(db)
+    async_sessions = stack.async_sessions(db)
+    with sessions() as session:
+        repository = PeerRepository(session=session, cache_manager=peer, auto_expunge=True)
+        for ident in range(1, _env.ROWS + 1):
+            repository.get(ident)
+
+    def run(ident: int) -> None:
+        with sessions() as session:
+            PeerRepository(session=session, cache_manager=peer, auto_expunge=True).get(ident)
+
+    async def arun(ident: int) -> None:
+        async with async_sessions() as session:
+            repository = PeerAsyncAccountRepository(
+                session=session, cache_manager=peer, auto_expunge=True
+            )
+            await repository.get(ident)
+
+    return [
+        Case("peer hit", f"advanced-alchemy get {backend} {db} sync", run=run),
+        Case("peer hit", f"advanced-alchemy get {backend} {db} async", arun=arun),
+    ]
+
+
+# -- (5) many and lists -------------------------------------------------------------------------
+
+
+def batch_cases(stack: Stack, backend: str, db: str) -> list[Case]:
+    manager = stack.manager(backend, f"batch-{backend}-{db}")
+    sessions = stack.sessions(db, manager)
+    warm(sessions)
+    batches = {seed: random.Random(seed).sample(range(1, _env.ROWS + 1), 100) for seed in range(50)}
+
+    def many(ident: int) -> None:
+        with sessions() as session:
+            AccountRepository(session=session).get_many(batches[ident % 50])
+
+    def singles(ident: int) -> None:
+        with sessions() as session:
+            repository = AccountRepository(session=session)
+            for each in batches[ident % 50]:
+                repository.get(each)
+
+    def listed(ident: int, *, use_cache: bool) -> None:
+        with sessions() as session:
+            AccountRepository(session=session).list(
+                order_by=Account.id, limit=100, offset=(ident % 10) * 100, use_cache=use_cache
+            )
+
+    for ident in range(10):
+        listed(ident, use_cache=True)
+    return [
+        Case("100 rows", f"get_many(100) hit {backend} {db}", run=many),
+        Case("100 rows", f"100 x get hit {backend} {db}", run=singles),
+        Case("100 rows", f"list(100) hit {backend} {db}", run=lambda i: listed(i, use_cache=True)),
+        Case("100 rows", f"list(100) uncached {db}", run=lambda i: listed(i, use_cache=False)),
+    ]
+
+
+# -- (6) writes ---------------------------------------------------------------------------------
+
+
+def write_cases(stack: Stack, backend: str, db: str) -> list[Case]:
+    """update + commit of one row, in a session with a manager (listeners act) and without."""
+    manager = stack.manager(backend, f"write-{backend}-{db}")
+    cached = stack.sessions(db, manager)
+    plain = stack.sessions(db)
+
+    def update(sessions: sessionmaker[Session], ident: int) -> None:
+        with sessions() as session:
+            account = session.get(Account, ident)
+            assert account is not None
+            account.visits += 1
+            session.commit()
+
+    return [
+        Case("write", f"update+commit {db} no listeners", run=lambda i: update(plain, i)),
+        Case(
+            "write",
+            f"update+commit {db} listeners, {backend}",
+            run=lambda i: update(cached, i),
+        ),
+    ]
+
+
+# -- (7) stampede ---------------------------------------------------------------------------------
+
+
+class QueryCounter:
+    """Counts the SELECTs of the benchmark table an engine runs."""
+
+    def __init__(self, engine: Any) -> None:
+        self.count = 0
+        event.listen(engine, "before_cursor_execute", self._seen)
+
+    def _seen(self, *args: Any) -> None:
+        statement = args[2]
+        if statement.lstrip().upper().startswith("SELECT") and "bench_accounts" in statement:
+            self.count += 1
+
+
+def setup_listeners() -> None:
+    setup_cache_listeners()

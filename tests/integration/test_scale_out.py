@@ -14,11 +14,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, event
 from sqlalchemy.orm import Session
 
 from declcache import CacheConfig, CacheManager, setup_cache_listeners
 from declcache._lru import LRUDict
+from declcache.config import SQLAlchemySyncConfig
+from declcache.repository import SQLAlchemySyncRepository
 from tests import _servers
 from tests.integration._invalidation_models import Base, Item, Reader, reset_rows, writing
 
@@ -551,3 +553,58 @@ def test_cluster_and_sentinel_arguments_carry_the_short_timeouts() -> None:
     assert sentinel["sentinels"] == [("s", 26379)]
     assert sentinel["sentinel_kwargs"]["socket_timeout"] == 0.5
     assert sentinel["distributed_lock"] is False
+
+
+# --- the stock repository on every scaled-out backend -----------------------------------------
+
+
+class ItemRepository(SQLAlchemySyncRepository[Item]):
+    model_type = Item
+
+
+@pytest.fixture(params=["cluster", "sentinel", "two-memcached"])
+def scaled_out_config(request: pytest.FixtureRequest, key_prefix: str) -> CacheConfig:
+    if request.param == "two-memcached":
+        nodes = request.getfixturevalue("two_memcached")
+        url = "memcached://" + ",".join(f"{n.host}:{n.port}" for n in nodes)
+    elif request.param == "cluster":
+        url = cluster_url(request.getfixturevalue("redis_cluster"))
+    else:
+        host, port = request.getfixturevalue("redis_sentinel")
+        url = f"redis+sentinel://{host}:{port}/mymaster"
+    return CacheConfig(url=url, key_prefix=key_prefix)
+
+
+def test_the_stock_repository_on_scaled_out_backends(
+    engine: Engine, scaled_out_config: CacheConfig
+) -> None:
+    db = SQLAlchemySyncConfig(connection_string=str(engine.url), cache_config=scaled_out_config)
+    selects: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            selects.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", count)
+    idents = list(range(1, 13))  # spread over every cluster slot range and both nodes
+
+    def read_all() -> tuple[list[str], list[str]]:
+        with db.get_session() as session:
+            repo = ItemRepository(session=session)
+            many = [item.name for item in repo.get_many(idents)]
+            listed = [item.name for item in repo.list(order_by=Item.id)]
+        return many, listed
+
+    first = read_all()
+    before = len(selects)
+    assert read_all() == first  # every read answered by the cache, in fresh sessions
+    assert len(selects) == before
+    with db.get_session() as session:
+        repo = ItemRepository(session=session)
+        item = repo.get(5)
+        item.name = "five"
+        repo.update(item, auto_commit=True)
+    many, listed = read_all()
+    assert many[4] == "five"
+    assert listed[4] == "five"
+    db.dispose()

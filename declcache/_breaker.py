@@ -208,6 +208,10 @@ class GuardedStore:
         """See :meth:`Store.set_many`."""
         self._call("set_many", mapping, ttl)
 
+    def write_many(self, entries: Sequence[tuple[str, bytes, int]]) -> None:
+        """See :meth:`Store.write_many`."""
+        self._call("write_many", entries)
+
     def add(self, key: str, value: bytes, ttl: int) -> bool:
         """See :meth:`Store.add`."""
         return bool(self._call("add", key, value, ttl))

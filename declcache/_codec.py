@@ -15,6 +15,7 @@ calling the model's ``__init__``: ``session.merge(obj, load=False)`` re-attaches
 from __future__ import annotations
 
 import base64
+import copy
 import datetime as dt
 import decimal
 import enum
@@ -22,10 +23,9 @@ import uuid
 import zoneinfo
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import types as sqltypes
-from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.sqltypes import _AbstractInterval
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper
     from sqlalchemy.sql.type_api import TypeEngine
 
-__all__ = ["CODEC_VERSION", "ModelCodec", "UnencodableValueError", "cached_columns"]
+__all__ = ["CODEC_VERSION", "ModelCodec", "Row", "UnencodableValueError", "cached_columns"]
 
 #: Bumped whenever an encoding below changes, so old payloads are never decoded.
 CODEC_VERSION = 2
@@ -93,15 +93,22 @@ def _decode_bytes(value: str) -> bytes:
     return base64.b64decode(value.encode("ascii"), validate=True)
 
 
-def _strict(kind: type) -> Decode:
-    """A decoder that accepts only ``kind`` (and not ``bool`` for numbers)."""
+class _Strict:
+    """A decoder that accepts only ``kind`` (and not ``bool`` for numbers).
 
-    def decode(value: Any) -> Any:
-        if type(value) is not kind:
-            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+    A class rather than a closure so :class:`ModelCodec` can see the ``kind`` and inline the
+    check: most columns of most rows are ints, strings and booleans.
+    """
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+
+    def __call__(self, value: Any) -> Any:
+        if type(value) is not self.kind:
+            raise TypeError(f"expected {self.kind.__name__}, got {type(value).__name__}")
         return value
-
-    return decode
 
 
 def _float(value: Any) -> float:
@@ -141,10 +148,10 @@ _TAGGED: dict[type, tuple[str, Encode]] = {
     dict: ("j", _identity),
 }
 _UNTAG: dict[str, Decode] = {
-    "b": _strict(bool),
-    "i": _strict(int),
+    "b": _Strict(bool),
+    "i": _Strict(int),
     "f": _float,
-    "s": _strict(str),
+    "s": _Strict(str),
     "d": _decimal,
     "dt": _decode_datetime,
     "da": dt.date.fromisoformat,
@@ -220,15 +227,15 @@ def _numeric_codec(type_: sqltypes.Numeric[Any]) -> tuple[Encode, Decode]:
 def _codec_for(type_: TypeEngine[Any]) -> tuple[Encode, Decode]:  # noqa: PLR0912 - one flat dispatch reads best
     """Choose the encoding of one column from its SQLAlchemy type, once per model."""
     if isinstance(type_, sqltypes.Boolean):
-        return _identity, _strict(bool)
+        return _identity, _Strict(bool)
     if isinstance(type_, sqltypes.Integer):
-        return _identity, _strict(int)
+        return _identity, _Strict(int)
     if isinstance(type_, sqltypes.Numeric):
         return _numeric_codec(type_)
     if isinstance(type_, sqltypes.Enum):
         return _enum_codec(type_)
     if isinstance(type_, sqltypes.String):
-        return _identity, _strict(str)
+        return _identity, _Strict(str)
     if isinstance(type_, sqltypes.DateTime):
         return _encode_datetime, _decode_datetime
     if isinstance(type_, sqltypes.Date):
@@ -238,7 +245,7 @@ def _codec_for(type_: TypeEngine[Any]) -> tuple[Encode, Decode]:  # noqa: PLR091
     if isinstance(type_, _AbstractInterval):
         return _encode_interval, _decode_interval
     if isinstance(type_, sqltypes.Uuid):
-        return (_str_of, _uuid) if type_.as_uuid else (_identity, _strict(str))
+        return (_str_of, _uuid) if type_.as_uuid else (_identity, _Strict(str))
     if isinstance(type_, sqltypes.ARRAY):
         return _array_codec(type_)
     if isinstance(type_, sqltypes.JSON):
@@ -274,16 +281,33 @@ def cached_columns(mapper: Mapper[Any]) -> list[tuple[str, TypeEngine[Any]]]:
 class ModelCodec:
     """Encode one model's instances to a plain list and decode them back, detached."""
 
-    __slots__ = ("_columns", "_mapper", "_new_instance", "_primary_key", "keys")
+    __slots__ = (
+        "_columns",
+        "_identity_class",
+        "_new_instance",
+        "_plan",
+        "_primary_key",
+        "keys",
+    )
 
     def __init__(self, mapper: Mapper[Any]) -> None:
-        self._mapper = mapper
         self._columns = tuple(
             _Column(key, *_codec_for(type_)) for key, type_ in cached_columns(mapper)
         )
         self.keys = tuple(column.key for column in self._columns)
         self._new_instance = mapper.class_manager.new_instance
+        self._identity_class = mapper._identity_class
         self._primary_key = tuple(mapper.get_property_by_column(c).key for c in mapper.primary_key)
+        # Per column: (key, a type taken as it is, converter for anything else); a strict
+        # column's converter raises, and a JSON column has no converter at all.
+        self._plan = tuple(
+            (
+                column.key,
+                column.decode.kind if isinstance(column.decode, _Strict) else None,
+                None if column.decode is _identity else column.decode,
+            )
+            for column in self._columns
+        )
 
     def encode(self, instance: object) -> list[Any]:
         """Return the instance's column values as plain data, in column order.
@@ -308,19 +332,60 @@ class ModelCodec:
         Raises:
             ValueError: the data does not fit this model.
         """
-        if len(values) != len(self._columns):
-            raise ValueError(f"expected {len(self._columns)} values, got {len(values)}")
-        instance = self._new_instance()
-        loaded = instance_state(instance).dict
-        for column, value in zip(self._columns, values, strict=True):
-            if value is None:
-                loaded[column.key] = None
-                continue
-            try:
-                loaded[column.key] = column.decode(value)
-            except Exception as error:
-                raise ValueError(f"column {column.key!r}: {error!r}") from error
-        if any(loaded.get(name) is None for name in self._primary_key):
+        return self.build(self.decode_row(values))
+
+    def decode_row(self, values: list[Any]) -> Row:
+        """The typed column values of :meth:`encode`'s output, ready for :meth:`build`.
+
+        A row can be kept and built again and again: it is decoded once per cached payload.
+
+        Raises:
+            ValueError: the data does not fit this model.
+        """
+        if len(values) != len(self._plan):
+            raise ValueError(f"expected {len(self._plan)} values, got {len(values)}")
+        loaded: dict[str, Any] = {}
+        key = None
+        try:
+            for (key, kind, convert), value in zip(self._plan, values):  # noqa: B905 - checked
+                if value is None or convert is None or type(value) is kind:
+                    loaded[key] = value
+                else:
+                    loaded[key] = convert(value)
+        except Exception as error:
+            raise ValueError(f"column {key!r}: {error!r}") from error
+        primary_key = tuple([loaded[name] for name in self._primary_key])
+        if None in primary_key:
             raise ValueError("a payload without a primary key")
-        make_transient_to_detached(instance)
+        mutable = tuple(name for name, value in loaded.items() if type(value) in (list, dict))
+        return Row(loaded, (self._identity_class, primary_key, None), mutable)
+
+    def build(self, row: Row) -> Any:
+        """A detached instance holding ``row``: its own copy of every list and dict in it.
+
+        The instance is built the way SQLAlchemy's own loader builds one from a row: a new
+        state, the column values put in its dict (so nothing counts as changed), and its
+        identity key set; relationships stay unloaded, to be lazy-loaded once attached.
+        """
+        instance = self._new_instance()
+        state = instance_state(instance)
+        loaded = state.dict
+        loaded.update(row.values)
+        for name in row.mutable:
+            loaded[name] = copy.deepcopy(loaded[name])
+        state.key = row.identity_key
         return instance
+
+
+class Row(NamedTuple):
+    """One cached row, decoded: what :meth:`ModelCodec.build` makes instances of.
+
+    Attributes:
+        values: attribute key → typed value.
+        identity_key: the instance's SQLAlchemy identity key.
+        mutable: keys whose values are lists or dicts (JSON, ARRAY): copied for each instance.
+    """
+
+    values: dict[str, Any]
+    identity_key: tuple[Any, ...]
+    mutable: tuple[str, ...]

@@ -52,7 +52,7 @@ def _normalizer(type_: TypeEngine[Any]) -> Callable[[Any], str]:
     if isinstance(type_, sqltypes.Integer):
         return _integer_text
     if isinstance(type_, sqltypes.Uuid):
-        return lambda value: str(value if isinstance(value, uuid.UUID) else uuid.UUID(str(value)))
+        return _uuid_text
     return str
 
 
@@ -60,6 +60,10 @@ def _integer_text(value: Any) -> str:
     if isinstance(value, float) and not value.is_integer():
         raise ValueError(f"{value!r} is not a whole number")
     return str(int(value))
+
+
+def _uuid_text(value: Any) -> str:
+    return str(value if isinstance(value, uuid.UUID) else uuid.UUID(str(value)))
 
 
 def _encode_value(text: str) -> str:
@@ -84,30 +88,60 @@ def normalized(
     return tuple(normalizers[f](v) for f, v in zip(fields, values, strict=True))
 
 
-class KeyBuilder:
-    """Builds the keys of one model: one per key-field set, plus the list-version key."""
+def _quoted(normalize: Callable[[Any], str]) -> Callable[[Any], str]:
+    """``normalize``, then percent-encoded; integers and UUIDs need no encoding."""
+    if normalize is _integer_text or normalize is _uuid_text:
+        return normalize
+    return lambda value: _encode_value(normalize(value))
 
-    __slots__ = ("_head", "_mapper")
+
+class KeyBuilder:
+    """Builds the keys of one model: one per key-field set, plus the list-version key.
+
+    The text before the values (``head:fields=``) and each field's normaliser are worked out
+    once per key-field set: a key is built on every cache read.
+    """
+
+    __slots__ = ("_head", "_mapper", "_shapes")
 
     def __init__(self, prefix: str, mapper: Mapper[Any], format_name: str) -> None:
         model = _encode_value(mapper.class_.__name__)
         self._head = f"{prefix}{model}:{fingerprint(mapper, format_name)}"
         self._mapper = mapper
+        self._shapes: dict[tuple[str, ...], tuple[str, tuple[Callable[[Any], str], ...]]] = {}
 
     @property
     def head(self) -> str:
         """``prefix + model + fingerprint``: every key of this model starts with it."""
         return self._head
 
+    def _shape(self, fields: tuple[str, ...]) -> tuple[str, tuple[Callable[[Any], str], ...]]:
+        try:
+            return self._shapes[fields]
+        except KeyError:
+            pass
+        normalizers = _normalizers(self._mapper)
+        names = "+".join(_encode_value(field) for field in fields)
+        shape = f"{self._head}:{names}=", tuple(_quoted(normalizers[field]) for field in fields)
+        self._shapes[fields] = shape
+        return shape
+
     def entity_key(self, fields: Sequence[str], values: Sequence[Any]) -> str:
         """Key of the entity whose ``fields`` equal ``values``.
 
         Raises:
-            ValueError: a value cannot be normalised for its column (``"abc"`` for an int id).
+            ValueError: a value cannot be normalised for its column (``"abc"`` for an int id),
+                or ``values`` has not one value per field.
+            KeyError: a field is not a column attribute.
         """
-        texts = [_encode_value(text) for text in normalized(self._mapper, fields, values)]
-        names = "+".join(_encode_value(field) for field in fields)
-        return _bounded(f"{self._head}:{names}={','.join(texts)}")
+        start, texts = self._shape(tuple(fields))
+        if len(texts) == 1 and len(values) == 1:
+            return _bounded(start + texts[0](values[0]))
+        if len(values) != len(texts):
+            raise ValueError(f"expected {len(texts)} key values, got {len(values)}")
+        return _bounded(
+            start + ",".join(text(value) for text, value in zip(texts, values, strict=True))
+        )
 
     def named_key(self, name: str) -> str:
         """A per-model bookkeeping key (a token, a cached query); never equal to an entity key."""

@@ -17,23 +17,26 @@ How a read stays correct (see docs/invalidation.md):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import inspect
 from sqlalchemy.orm.attributes import instance_state
 
 from declcache import _backends, _freshness, _wire
+from declcache._aio import AsyncReader, async_reader_for
 from declcache._api import Ident, Lookup
 from declcache._breaker import BackendUnavailable, Breaker, BreakerStats, GuardedStore
-from declcache._codec import ModelCodec, UnencodableValueError
+from declcache._codec import ModelCodec, Row, UnencodableValueError
 from declcache._keys import KeyBuilder, normalized
 from declcache._lru import LRUDict
 from declcache._meta import ModelSpec, resolve_spec
+from declcache._near import NearCache, NearCacheStats, NearStore
 from declcache._registry import cached_models, declared_meta
 from declcache._replay import ReplayQueue
 from declcache._stats import Counters, FaultLog, ModelStats, StatsHook
@@ -53,6 +56,13 @@ logger = logging.getLogger("declcache.manager")
 TOKEN_TTL_FLOOR = 86_400
 
 _ENTITY, _NOT_FOUND, _POINTER, _LIST = "e", "n", "p", "l"
+
+#: Parsed tokens each model remembers (its generation and list version, and a few old ones).
+_REMEMBERED_TOKENS = 8
+#: Parsed payloads each model remembers by their raw bytes, so that a hot entry is parsed and
+#: decoded once rather than on every read; the memo is emptied when either bound is reached.
+REMEMBERED_PAYLOADS = 4096
+REMEMBERED_PAYLOAD_BYTES = 8 * 1024 * 1024
 
 
 def _passthrough(payload: Any) -> Any:
@@ -92,6 +102,48 @@ class _Ticket:
     started: float
 
 
+@dataclass(slots=True)
+class _Entry:
+    """A stored payload, parsed; remembered by its raw bytes (see ``_ModelCache.entry``).
+
+    Attributes:
+        created_at: when it was written (dogpile's metadata).
+        generation: the generation (or list version) it was written under.
+        kind: entity, not found, pointer or list.
+        body: what follows the kind: column values, a primary key, rows or a count.
+        rows: the typed rows of an entity or a list, decoded on the first read that needs them.
+        owner: the key an entity was last found to belong to (see ``_ModelCache.owns``).
+    """
+
+    created_at: float
+    generation: Any
+    kind: Any
+    body: list[Any]
+    rows: list[Row] | None = None
+    owner: str | None = None
+
+
+class Probe(NamedTuple):
+    """What a look-up found, and what it saw: a miss passes it on to fill without a 2nd look.
+
+    Attributes:
+        results: per ident, the instance, ``Lookup.NOT_FOUND`` or ``Lookup.MISS``.
+        ticket: what the backend held when looked up; ``None`` when it was not asked.
+        keys: per ident, its cache key (``None`` when it cannot have one).
+    """
+
+    results: list[Any]
+    ticket: _Ticket | None
+    keys: list[str | None]
+
+
+class ListProbe(NamedTuple):
+    """A cached query result (or ``Lookup.MISS``) and the list version it was looked up under."""
+
+    result: Any
+    version: str | None
+
+
 class _ModelCache:
     """Everything one manager keeps for one cached model."""
 
@@ -102,6 +154,8 @@ class _ModelCache:
         keys: KeyBuilder,
         breaker: Breaker,
         on_stats: StatsHook | None,
+        *,
+        near: NearCache | None = None,
     ) -> None:
         mapper: Mapper[Any] = inspect(spec.model)
         self.spec = spec
@@ -109,7 +163,11 @@ class _ModelCache:
         self.model: type = spec.model
         self.name = spec.model.__name__
         self.region = region
-        self.store: Store = GuardedStore(store_for(region.backend), breaker)
+        store: Store = store_for(region.backend)
+        self.near: NearStore | None = None
+        if near is not None:
+            store = self.near = near.wrap(store, region.backend)
+        self.store: Store = GuardedStore(store, breaker)
         self.keys = keys
         self.codec = ModelCodec(mapper)
         self.format = spec.format
@@ -120,6 +178,10 @@ class _ModelCache:
         self.token_ttl = max(spec.ttl * 10, TOKEN_TTL_FLOOR)
         self.generation_key = keys.named_key("generation")
         self.version_key = keys.named_key("list-version")
+        self._tokens: dict[bytes, str] = {}
+        self.reader: AsyncReader | None = None
+        self._entries: dict[bytes, _Entry] = {}
+        self._entry_bytes = 0
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -140,6 +202,14 @@ class _ModelCache:
             raise ValueError(f"{sorted(ident)} is not a key of {self.name}; keys are {known}")
         values = ident if isinstance(ident, tuple) else (ident,)
         return self.spec.primary_key, self.key_of(self.spec.primary_key, values)
+
+    def owns(self, instance: object, key: str) -> bool:
+        """Whether ``key`` is one of ``instance``'s keys; the primary key is tried first."""
+        primary_key = self.spec.primary_key
+        loaded = _state_dict(instance)
+        if self.key_of(primary_key, [loaded[name] for name in primary_key]) == key:
+            return True
+        return key in self.entity_keys(instance).values()
 
     def entity_keys(self, instance: object) -> dict[tuple[str, ...], str]:
         """Every key ``instance`` is known by, per key-field set (``None`` values skipped)."""
@@ -176,33 +246,96 @@ class _ModelCache:
         payload = self.format.dumps([self.fingerprint, _wire.tombstone_marker()])
         return _wire.wrap(payload.encode() if isinstance(payload, str) else payload)
 
-    def parse(self, raw: bytes | None, generation: str) -> tuple[str, list[Any]] | None:
-        """``(kind, body)`` of a current payload; ``None`` for absent, stale or expired ones.
+    def parse(self, raw: bytes | None, generation: str) -> _Entry | None:
+        """The payload ``raw``, if current; ``None`` for absent, stale or expired ones.
 
         A payload that cannot be decoded at all counts as an error and is also ``None``.
         """
+        entry = self.entry(raw)
+        if entry is None:
+            return None
+        if entry.generation != generation or time.time() - entry.created_at >= self.ttl:
+            return None
+        return entry
+
+    def entry(self, raw: bytes | None) -> _Entry | None:
+        """The payload ``raw``, parsed, whatever its generation and age; ``None`` if none.
+
+        Remembered by its raw bytes: equal bytes are the same payload, so parsing and
+        decoding a hot entry once serves every later read of it, in every thread.
+        """
         if raw is None:
             return None
+        if type(raw) is bytes:
+            remembered = self._entries.get(raw)
+            if remembered is not None:
+                return remembered
         try:
             created_at, payload = _wire.unwrap(raw)
             data = self.format.loads(payload)
-            if not isinstance(data, list) or len(data) < 2 or data[0] != self.fingerprint:
+            if type(data) is not list or len(data) < 2 or data[0] != self.fingerprint:
                 raise ValueError("a payload of another model, schema or format")
         except Exception as error:
             self.counters.add("errors")
             logger.warning("%s: ignoring an undecodable cache payload: %r", self.name, error)
             return None
-        if data[1] != generation or len(data) < 3 or time.time() - created_at >= self.ttl:
+        if len(data) < 3:  # a tombstone
             return None
-        return data[2], data[3:]
+        entry = _Entry(created_at, data[1], data[2], data[3:])
+        if type(raw) is bytes:
+            self._remember(raw, entry)
+        return entry
 
-    def decode_entity(self, body: list[Any]) -> Any:
+    def _remember(self, raw: bytes, entry: _Entry) -> None:
+        if (
+            len(self._entries) >= REMEMBERED_PAYLOADS
+            or self._entry_bytes + len(raw) > REMEMBERED_PAYLOAD_BYTES
+        ):
+            self._entries.clear()
+            self._entry_bytes = 0
+        self._entries[raw] = entry
+        self._entry_bytes += len(raw)
+
+    def instances(self, entry: _Entry, rows: list[list[Any]]) -> list[Any] | None:
+        """Fresh detached instances of ``rows`` (an entry's column values); ``None`` if bad.
+
+        The rows are decoded once per entry; each call builds new instances from them.
+        """
+        decoded = entry.rows
+        if decoded is None:
+            try:
+                decoded = [self.codec.decode_row(values) for values in rows]
+            except Exception as error:
+                self.counters.add("errors")
+                logger.warning("%s: ignoring an undecodable cached entity: %r", self.name, error)
+                return None
+            entry.rows = decoded
+        build = self.codec.build
+        return [build(row) for row in decoded]
+
+    def token(self, raw: bytes | None) -> str | None:
+        """The token a stored token value holds; ``None`` for none or garbage.
+
+        Remembered by its raw bytes: every read parses the generation token, which changes
+        only when the whole model is invalidated.
+        """
+        if raw is None:
+            return None
         try:
-            return self.codec.decode(body)
-        except Exception as error:
-            self.counters.add("errors")
-            logger.warning("%s: ignoring an undecodable cached entity: %r", self.name, error)
-            return Lookup.MISS
+            return self._tokens[raw]
+        except (KeyError, TypeError):
+            pass
+        token = _parse_token(raw)
+        if token is not None and isinstance(raw, bytes):
+            if len(self._tokens) >= _REMEMBERED_TOKENS:
+                self._tokens.clear()
+            self._tokens[raw] = token
+        return token
+
+
+def _missed(idents: Sequence[Ident]) -> Probe:
+    """The probe of a look-up that asked nothing: every ident a miss, nothing to fill against."""
+    return Probe([Lookup.MISS] * len(idents), None, [None] * len(idents))
 
 
 def _state_dict(instance: object) -> dict[str, Any]:
@@ -270,6 +403,11 @@ class CacheManager:
         self._memory = LRUDict(self._config.memory_max_entries)
         self._breaker = Breaker(self._config.breaker_interval)
         self._enabled = self._config.enabled and self._dogpile_available()
+        self._near = (
+            NearCache(self._config.key_prefix, self._config.near_cache_max_entries)
+            if self._enabled and self._config.near_cache
+            else None
+        )
         if self._enabled:
             _freshness.install()
         self._queue = ReplayQueue(self._write_replayed)
@@ -338,7 +476,10 @@ class CacheManager:
             return None
         region = self._make_region(spec)
         keys = KeyBuilder(self._config.key_prefix, inspect(model), spec.serializer)
-        return _ModelCache(spec, region, keys, self._breaker, self._on_stats)
+        cache = _ModelCache(spec, region, keys, self._breaker, self._on_stats, near=self._near)
+        if self._near is None:  # with a near cache, a look-up may well need no I/O at all
+            cache.reader = async_reader_for(region.backend, self._breaker)
+        return cache
 
     def _make_region(self, spec: ModelSpec) -> CacheRegion:
         from dogpile.cache import make_region  # noqa: PLC0415
@@ -403,14 +544,14 @@ class CacheManager:
 
     def _token(self, cache: _ModelCache, key: str, raw: bytes | None) -> str:
         """The token stored at ``key``, creating one when there is none (or garbage)."""
-        token = _parse_token(raw)
+        token = cache.token(raw)
         if token is not None:
             return token
         fresh = _wire.new_token()
         wrapped = _wire.wrap(fresh.encode("ascii"))
         if cache.store.add(key, wrapped, cache.token_ttl):
             return fresh
-        token = _parse_token(cache.store.get_many([key])[0])
+        token = cache.token(cache.store.get_many([key])[0])
         if token is not None:
             return token
         cache.store.set_many({key: wrapped}, cache.token_ttl)
@@ -428,23 +569,46 @@ class CacheManager:
         started = time.monotonic()
         raws = cache.store.get_many([cache.generation_key, *keys])
         generation = self._token(cache, cache.generation_key, raws[0])
-        ticket = _Ticket(generation, dict(zip(keys, raws[1:], strict=True)), started)
-        parsed = [cache.parse(raw, generation) for raw in raws[1:]]
+        read = self._resolve(
+            cache, keys, raws[1:], generation, started, follow=cache.store.get_many
+        )
+        assert read is not None  # with a way to follow pointers, it always resolves
+        return read
+
+    def _resolve(
+        self,
+        cache: _ModelCache,
+        keys: list[str],
+        raws: list[bytes | None],
+        generation: str,
+        started: float,
+        *,
+        follow: Callable[[list[str]], list[bytes | None]] | None,
+    ) -> tuple[list[Any], _Ticket] | None:
+        """What ``raws`` (the values of ``keys``) hold, read under ``generation``.
+
+        ``follow`` fetches the entities pointers lead to; without it (an awaited look-up
+        cannot call the backend again) a pointer makes the result ``None``.
+        """
+        ticket = _Ticket(generation, dict(zip(keys, raws, strict=True)), started)
+        parsed = [cache.parse(raw, generation) for raw in raws]
         pointers = {
-            index: cache.key_of(cache.spec.primary_key, item[1])
+            index: cache.key_of(cache.spec.primary_key, item.body)
             for index, item in enumerate(parsed)
             if item is not None
-            and item[0] == _POINTER
-            and len(item[1]) == len(cache.spec.primary_key)
+            and item.kind == _POINTER
+            and len(item.body) == len(cache.spec.primary_key)
         }
         if pointers:
+            if follow is None:
+                return None
             targets = list(dict.fromkeys(pointers.values()))
-            target_raws = cache.store.get_many(targets)
+            target_raws = follow(targets)
             ticket.observed.update(zip(targets, target_raws, strict=True))
             found = dict(zip(targets, target_raws, strict=True))
             for index, target in pointers.items():
                 item = cache.parse(found[target], generation)
-                parsed[index] = item if item is not None and item[0] == _ENTITY else None
+                parsed[index] = item if item is not None and item.kind == _ENTITY else None
         results = [
             self._entity_result(cache, key, item, via_pointer=index in pointers)
             for index, (key, item) in enumerate(zip(keys, parsed, strict=True))
@@ -453,11 +617,11 @@ class CacheManager:
 
     @staticmethod
     def _entity_result(
-        cache: _ModelCache, key: str, parsed: tuple[str, list[Any]] | None, *, via_pointer: bool
+        cache: _ModelCache, key: str, parsed: _Entry | None, *, via_pointer: bool
     ) -> Any:
         if parsed is None:
             return Lookup.MISS
-        kind, body = parsed
+        kind = parsed.kind
         if kind == _NOT_FOUND:
             return Lookup.NOT_FOUND
         if kind == _POINTER:  # a pointer that did not lead to an entity
@@ -466,17 +630,21 @@ class CacheManager:
             cache.counters.add("errors")
             logger.warning("%s: ignoring a cache payload of unknown kind %r", cache.name, kind)
             return Lookup.MISS
-        instance = cache.decode_entity(body)
-        if instance is not Lookup.MISS and key not in cache.entity_keys(instance).values():
-            if via_pointer:  # the row's key field changed while its old value was unknown
-                logger.debug("%s: %s points to a row that no longer has it", cache.name, key)
-                return Lookup.MISS
-            cache.counters.add("errors")
-            logger.warning(
-                "%s: ignoring a cache payload that does not belong to %s", cache.name, key
-            )
+        built = cache.instances(parsed, [parsed.body])
+        if built is None:
             return Lookup.MISS
-        return instance
+        instance = built[0]
+        if parsed.owner == key:  # these very bytes were already found to be this row's
+            return instance
+        if cache.owns(instance, key):
+            parsed.owner = key
+            return instance
+        if via_pointer:  # the row's key field changed while its old value was unknown
+            logger.debug("%s: %s points to a row that no longer has it", cache.name, key)
+            return Lookup.MISS
+        cache.counters.add("errors")
+        logger.warning("%s: ignoring a cache payload that does not belong to %s", cache.name, key)
+        return Lookup.MISS
 
     def get(self, model: type, ident: Ident) -> Any:
         """The cached entity ``ident`` names, :attr:`Lookup.NOT_FOUND`, or :attr:`Lookup.MISS`.
@@ -484,61 +652,140 @@ class CacheManager:
         ``ident`` is a primary-key value, a tuple for a composite primary key, or a mapping
         ``{field: value}`` of the primary key or of a ``key_fields`` set.
         """
-        return self.get_many(model, [ident])[0]
+        return self.probe(model, [ident]).results[0]
 
     def get_many(self, model: type, idents: Sequence[Ident]) -> list[Any]:
         """:meth:`get` for several entities in one backend round trip, in the order asked."""
-        return self._lookup(model, idents)[0]
+        return self.probe(model, idents).results
 
-    def _lookup(
-        self, model: type, idents: Sequence[Ident]
-    ) -> tuple[list[Any], _Ticket | None, list[str | None]]:
+    def probe(self, model: type, idents: Sequence[Ident]) -> Probe:
+        """:meth:`get_many`, keeping what the backend held for a fill after a miss.
+
+        A caller that answers hits itself and loads only on a miss (the repositories) hands
+        the probe to :meth:`load_many`, so a miss costs one look-up, not two.
+        """
         cache = self._usable(model)
         if cache is None or not idents:
-            return [Lookup.MISS] * len(idents), None, [None] * len(idents)
-        keys: list[str | None] = []
-        for ident in idents:
-            try:
-                keys.append(cache.ident_key(ident)[1])
-            except (ValueError, TypeError) as error:
-                logger.debug("%s: %r cannot be a cache key: %s", cache.name, ident, error)
-                keys.append(None)
-        wanted = list(dict.fromkeys(key for key in keys if key is not None))
+            return _missed(idents)
+        keys, wanted = self._keys(cache, idents)
         try:
             found, ticket = self._read(cache, wanted)
         except Exception as error:
             self._fault(cache, "get", error)
             cache.counters.add("misses", len(idents))
-            return [Lookup.MISS] * len(idents), None, [None] * len(idents)
-        by_key = dict(zip(wanted, found, strict=True))
-        results = [Lookup.MISS if key is None else by_key[key] for key in keys]
-        hits = sum(result is not Lookup.MISS for result in results)
-        cache.counters.add("hits", hits)
-        cache.counters.add("misses", len(results) - hits)
-        return results, ticket, keys
+            return _missed(idents)
+        return self._probed(cache, keys, wanted, found, ticket)
+
+    async def aprobe(self, model: type, idents: Sequence[Ident]) -> Probe:
+        """:meth:`probe` for a coroutine: never blocks the event loop.
+
+        On a single Redis server the look-up is awaited through ``redis.asyncio``; with a
+        near cache that holds every key, it is answered on the loop; the memory backend
+        answers on the loop too. Anything else (other backends with I/O, a token to create,
+        a pointer to follow) runs :meth:`probe` in a worker thread.
+        """
+        cache = self._usable(model)
+        if cache is None or not idents:
+            return _missed(idents)
+        if not self.blocking:
+            return self.probe(model, idents)
+        if not self._loop_readable(cache):
+            return await asyncio.to_thread(self.probe, model, idents)
+        keys, wanted = self._keys(cache, idents)
+        try:
+            started = time.monotonic()
+            raws = await self._raws_on_loop(cache, [cache.generation_key, *wanted])
+            generation = None if raws is None else cache.token(raws[0])
+            read = None
+            if raws is not None and generation is not None:
+                read = self._resolve(cache, wanted, raws[1:], generation, started, follow=None)
+        except Exception as error:
+            self._fault(cache, "get", error)
+            cache.counters.add("misses", len(idents))
+            return _missed(idents)
+        if read is not None:
+            return self._probed(cache, keys, wanted, *read)
+        return await asyncio.to_thread(self.probe, model, idents)
+
+    @staticmethod
+    def _loop_readable(cache: _ModelCache) -> bool:
+        """Whether a look-up can be tried on the event loop: an awaited Redis or a near cache."""
+        return cache.reader is not None or cache.near is not None
+
+    @staticmethod
+    async def _raws_on_loop(cache: _ModelCache, keys: list[str]) -> list[bytes | None] | None:
+        """The raw values of ``keys``, fetched without blocking the loop; ``None`` if it cannot.
+
+        An awaited ``MGET`` on Redis, or the near cache when it holds every key.
+        """
+        if cache.reader is not None:
+            return await cache.reader.get_many(keys)
+        return None if cache.near is None else cache.near.peek_many(keys)
+
+    @staticmethod
+    def _keys(cache: _ModelCache, idents: Sequence[Ident]) -> tuple[list[str | None], list[str]]:
+        """The cache key of each ident (``None`` if it can have none), and each key once."""
+        keys: list[str | None] = []
+        for ident in idents:
+            try:
+                keys.append(cache.ident_key(ident)[1])
+            except (ValueError, TypeError, KeyError) as error:
+                logger.debug("%s: %r cannot be a cache key: %s", cache.name, ident, error)
+                keys.append(None)
+        if len(keys) == 1:
+            return keys, [] if keys[0] is None else [keys[0]]
+        return keys, list(dict.fromkeys(key for key in keys if key is not None))
+
+    @staticmethod
+    def _probed(
+        cache: _ModelCache,
+        keys: list[str | None],
+        wanted: list[str],
+        found: list[Any],
+        ticket: _Ticket,
+    ) -> Probe:
+        if len(wanted) == len(keys):  # every ident has a key, each its own: in order already
+            results = found
+        else:
+            by_key = dict(zip(wanted, found, strict=True))
+            results = [Lookup.MISS if key is None else by_key[key] for key in keys]
+        misses = results.count(Lookup.MISS)
+        if misses < len(results):
+            cache.counters.add("hits", len(results) - misses)
+        if misses:
+            cache.counters.add("misses", misses)
+        return Probe(results, ticket, keys)
 
     # -- read-through ----------------------------------------------------------------------
 
-    def load(self, model: type, ident: Ident, loader: Callable[[], Any]) -> Any:
+    def load(
+        self, model: type, ident: Ident, loader: Callable[[], Any], *, probe: Probe | None = None
+    ) -> Any:
         """The entity ``ident`` names, from the cache or else from ``loader()``; ``None`` if none.
 
         ``loader`` queries the database and returns the instance or ``None``. Its result is
-        cached unless the entity was invalidated while it ran (no stale fill).
+        cached unless the entity was invalidated while it ran (no stale fill). ``probe`` is
+        the :meth:`probe` of ``[ident]`` the caller already made, if any.
         """
-        return self.load_many(model, [ident], lambda _missing: [loader()])[0]
+        return self.load_many(model, [ident], lambda _missing: [loader()], probe=probe)[0]
 
     def load_many(
         self,
         model: type,
         idents: Sequence[Ident],
         loader: Callable[[list[Ident]], Iterable[Any]],
+        *,
+        probe: Probe | None = None,
     ) -> list[Any]:
         """Entities in the order asked (``None`` where no row), one query for all misses.
 
         ``loader(missing)`` receives the idents the cache could not answer and returns the
         instances the database has for them (in any order, ``None`` entries ignored).
+        ``probe``: the :meth:`probe` of ``idents`` the caller just made; otherwise one is made.
         """
-        results, ticket, keys = self._lookup(model, idents)
+        if probe is None:
+            probe = self.probe(model, idents)
+        results, ticket, keys = list(probe.results), probe.ticket, probe.keys
         missing = [index for index, result in enumerate(results) if result is Lookup.MISS]
         if missing:
             loaded = [item for item in loader([idents[i] for i in missing]) if item is not None]
@@ -639,51 +886,83 @@ class CacheManager:
 
     # -- lists -----------------------------------------------------------------------------
 
-    def load_list(self, model: type, query_key: str, loader: Callable[[], Any]) -> Any:
+    def load_list(
+        self,
+        model: type,
+        query_key: str,
+        loader: Callable[[], Any],
+        *,
+        probe: ListProbe | None = None,
+    ) -> Any:
         """A cached query result for ``query_key``, else ``loader()``'s, cached under the version.
 
         ``loader`` returns a list of instances or an ``int`` (a count). A list result of
         instances is cached as their column values, so a hit builds fresh detached instances.
+        ``probe``: the :meth:`probe_list` of ``query_key`` the caller just made, if any.
         """
         cache = self._usable(model)
         if cache is None:
             return loader()
-        key = cache.keys.named_key(f"q:{query_key}")
-        version: str | None = None
-        try:
-            raws = cache.store.get_many([cache.version_key, key])
-            version = self._token(cache, cache.version_key, raws[0])
-            cached = self._decode_list(cache, cache.parse(raws[1], version))
-        except Exception as error:
-            self._fault(cache, "get", error)
-            cached = Lookup.MISS
-        if cached is not Lookup.MISS:
-            cache.counters.add("hits")
-            return cached
-        cache.counters.add("misses")
+        if probe is None:
+            probe = self._probe_list(cache, query_key)
+        if probe.result is not Lookup.MISS:
+            return probe.result
         result = loader()
-        if version is not None:
-            self._store_list(cache, key, version, result)
+        if probe.version is not None:
+            self._store_list(cache, cache.keys.named_key(f"q:{query_key}"), probe.version, result)
         return result
 
-    def get_list(self, model: type, query_key: str) -> Any:
+    def probe_list(self, model: type, query_key: str) -> ListProbe:
         """The cached result :meth:`load_list` would return for ``query_key``, or ``MISS``.
 
-        A lookup only: nothing is loaded or filled (a caller about to take a fill lock uses
-        it to skip the lock on a hit).
+        The list version it was looked up under comes with it: :meth:`load_list` fills
+        against it after a miss, without looking up again.
         """
         cache = self._usable(model)
         if cache is None:
-            return Lookup.MISS
+            return ListProbe(Lookup.MISS, None)
+        return self._probe_list(cache, query_key)
+
+    async def aprobe_list(self, model: type, query_key: str) -> ListProbe:
+        """:meth:`probe_list` for a coroutine: never blocks the event loop (see :meth:`aprobe`)."""
+        cache = self._usable(model)
+        if cache is None:
+            return ListProbe(Lookup.MISS, None)
+        if not self.blocking:
+            return self._probe_list(cache, query_key)
+        if not self._loop_readable(cache):
+            return await asyncio.to_thread(self._probe_list, cache, query_key)
+        key = cache.keys.named_key(f"q:{query_key}")
+        try:
+            raws = await self._raws_on_loop(cache, [cache.version_key, key])
+            version = None if raws is None else cache.token(raws[0])
+            cached = (
+                None if raws is None or version is None else self._listed(cache, raws[1], version)
+            )
+        except Exception as error:
+            self._fault(cache, "get", error)
+            return ListProbe(Lookup.MISS, None)
+        if version is not None:
+            return ListProbe(cached, version)
+        # no list version yet (creating one is a write), or the near cache lacks a key
+        return await asyncio.to_thread(self._probe_list, cache, query_key)
+
+    def _probe_list(self, cache: _ModelCache, query_key: str) -> ListProbe:
         key = cache.keys.named_key(f"q:{query_key}")
         try:
             raws = cache.store.get_many([cache.version_key, key])
-            version = _parse_token(raws[0])
-            parsed = None if version is None else cache.parse(raws[1], version)
-            return self._decode_list(cache, parsed)
+            version = self._token(cache, cache.version_key, raws[0])
+            cached = self._listed(cache, raws[1], version)
         except Exception as error:
             self._fault(cache, "get", error)
-            return Lookup.MISS
+            return ListProbe(Lookup.MISS, None)
+        return ListProbe(cached, version)
+
+    def _listed(self, cache: _ModelCache, raw: bytes | None, version: str) -> Any:
+        """The query result ``raw`` holds under ``version`` (counted), or ``MISS``."""
+        cached = self._decode_list(cache, cache.parse(raw, version))
+        cache.counters.add("misses" if cached is Lookup.MISS else "hits")
+        return cached
 
     def fill_mutex(
         self, model: type, ident: Ident | None = None, *, query_key: str | None = None
@@ -712,14 +991,14 @@ class CacheManager:
         return cache.region.backend.get_mutex(key)
 
     @staticmethod
-    def _decode_list(cache: _ModelCache, parsed: tuple[str, list[Any]] | None) -> Any:
-        if parsed is None or parsed[0] != _LIST:
+    def _decode_list(cache: _ModelCache, parsed: _Entry | None) -> Any:
+        if parsed is None or parsed.kind != _LIST:
             return Lookup.MISS
-        body = parsed[1]
-        if len(body) == 1 and isinstance(body[0], int):
+        body = parsed.body
+        if len(body) == 1 and type(body[0]) is int:
             return body[0]
-        items = [cache.decode_entity(row) for row in body]
-        return Lookup.MISS if any(item is Lookup.MISS for item in items) else items
+        items = cache.instances(parsed, body)
+        return Lookup.MISS if items is None else items
 
     def _store_list(self, cache: _ModelCache, key: str, version: str, result: Any) -> None:
         if isinstance(result, int) and not isinstance(result, bool):
@@ -766,19 +1045,20 @@ class CacheManager:
             self._queue.replay()
 
     def _write_invalidation(self, cache: _ModelCache, change: ModelChanges) -> None:
-        tombstones = {}
+        """Tombstones and new tokens in one ``write_many``: one round trip on Redis."""
+        entries = []
         for fields_, values in change.keys:
             try:
-                tombstones[cache.key_of(fields_, values)] = cache.tombstone()
+                entries.append((cache.key_of(fields_, values), cache.tombstone(), cache.server_ttl))
             except (ValueError, TypeError):
                 continue
-        if tombstones:
-            cache.store.set_many(tombstones, cache.server_ttl)
-        tokens = {cache.version_key: _wire.wrap(_wire.new_token().encode("ascii"))}
+        tokens = [cache.version_key]
         if change.whole_model:
-            tokens[cache.generation_key] = _wire.wrap(_wire.new_token().encode("ascii"))
-        cache.store.set_many(tokens, cache.token_ttl)
-        cache.counters.add("invalidations", len(tombstones) + len(tokens))
+            tokens.append(cache.generation_key)
+        for key in tokens:
+            entries.append((key, _wire.wrap(_wire.new_token().encode("ascii")), cache.token_ttl))
+        cache.store.write_many(entries)
+        cache.counters.add("invalidations", len(entries))
 
     def _enqueue(self, model: type, change: ModelChanges) -> None:
         cache = self._cache(model)
@@ -822,17 +1102,10 @@ class CacheManager:
     def _pointed_primary_key(self, cache: _ModelCache, key: str) -> tuple[Any, ...] | None:
         """The primary key a ``key_fields`` key points to, if the cache knows it."""
         try:
-            raw = cache.store.get_many([key])[0]
+            entry = cache.entry(cache.store.get_many([key])[0])
         except Exception:
             return None
-        if raw is None:
-            return None
-        try:
-            data = cache.format.loads(_wire.unwrap(raw)[1])
-        except Exception:
-            return None
-        pointer = isinstance(data, list) and len(data) >= 3 and data[2] == _POINTER
-        return tuple(data[3:]) if pointer else None
+        return tuple(entry.body) if entry is not None and entry.kind == _POINTER else None
 
     def invalidate_model(self, model: type) -> bool:
         """Drop every cached entity and list of ``model`` at once (a new generation token).
@@ -869,6 +1142,10 @@ class CacheManager:
     def breaker_stats(self) -> BreakerStats:
         """The circuit breaker in front of the backend: state, times opened, calls refused."""
         return self._breaker.stats()
+
+    def near_cache_stats(self) -> NearCacheStats | None:
+        """The near cache's hits, misses, size and tracking state; ``None`` without one."""
+        return None if self._near is None else self._near.stats()
 
     @property
     def pending_invalidations(self) -> int:

@@ -6,6 +6,10 @@ runs become *followers* and wait for it instead of loading too. Each caller gets
 an ORM instance belongs to the leader's session, so a follower in another session reads the
 cache the leader just filled instead of taking the instance.
 
+Both count the flights that have *landed* (ended). A caller that looked the cache up before
+joining compares the count: unchanged, no load ended in between, so what it saw is still
+what a leader must fill against; changed, a leader may just have filled it, so it looks again.
+
 :class:`ThreadFlights` serves threads; :class:`AsyncFlights` serves coroutines, whose followers
 await the leader's future (under one ``AsyncSession`` they must not query concurrently).
 """
@@ -65,6 +69,7 @@ class ThreadFlights:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._calls: dict[Hashable, _Call] = {}
+        self.landed = 0
 
     def run(self, key: Hashable, owner: object, load: Callable[[], T]) -> Outcome[T]:
         """Run ``load`` unless another thread runs it for ``key``; then wait for that one.
@@ -88,6 +93,7 @@ class ThreadFlights:
             with self._lock:
                 if self._calls.get(key) is call:
                     del self._calls[key]
+                self.landed += 1
             call.done.set()
         return Outcome(value, None, leader=True, owner=owner)
 
@@ -97,6 +103,7 @@ class AsyncFlights:
 
     def __init__(self) -> None:
         self._calls: dict[tuple[asyncio.AbstractEventLoop, Hashable], tuple[Any, object]] = {}
+        self.landed = 0
 
     async def run(
         self, key: Hashable, owner: object, load: Callable[[], Awaitable[T]]
@@ -137,4 +144,5 @@ class AsyncFlights:
         finally:
             if self._calls.get(slot, (None,))[0] is future:
                 del self._calls[slot]
+            self.landed += 1
         return Outcome(value, None, leader=True, owner=owner)

@@ -36,6 +36,9 @@ class Store(Protocol):
     def set_many(self, mapping: Mapping[str, bytes], ttl: int) -> None:
         """Write unconditionally, each key expiring after ``ttl`` seconds on the server."""
 
+    def write_many(self, entries: Sequence[tuple[str, bytes, int]]) -> None:
+        """Write unconditionally in one round trip: each (key, value, ttl in seconds)."""
+
     def add(self, key: str, value: bytes, ttl: int) -> bool:
         """Write ``value`` only if ``key`` is absent; whether it was written."""
 
@@ -62,6 +65,12 @@ class MemoryStore:
         """Write under the lock so a concurrent compare-and-set sees all or nothing."""
         with self._lock:
             self._data.update(mapping)
+
+    def write_many(self, entries: Sequence[tuple[str, bytes, int]]) -> None:
+        """Write under the lock, like :meth:`set_many`: the ttls are the LRU's business."""
+        with self._lock:
+            for key, value, _ in entries:
+                self._data[key] = value
 
     def add(self, key: str, value: bytes, ttl: int) -> bool:  # noqa: ARG002
         """Set if absent, under the lock."""
@@ -125,8 +134,15 @@ class RedisStore:
 
     def set_many(self, mapping: Mapping[str, bytes], ttl: int) -> None:
         """``SET EX`` for every key in one pipeline."""
+        self.write_many([(key, value, ttl) for key, value in mapping.items()])
+
+    def write_many(self, entries: Sequence[tuple[str, bytes, int]]) -> None:
+        """``SET EX`` for every entry in one non-transactional pipeline: one round trip.
+
+        On a cluster, redis-py's cluster pipeline sends one batch per node instead.
+        """
         pipe = self._client.pipeline(transaction=False)
-        for key, value in mapping.items():
+        for key, value, ttl in entries:
             pipe.set(key, value, ex=ttl)
         pipe.execute()
 
@@ -177,9 +193,28 @@ class MemcachedStore:
 
     def set_many(self, mapping: Mapping[str, bytes], ttl: int) -> None:
         """One multi-set; keys the server refused are reported by the client and re-raised."""
-        failed = self._backend.client.set_many(dict(mapping), expire=ttl, noreply=False)
+        self._set_many(self._backend.client, dict(mapping), ttl)
+
+    @staticmethod
+    def _set_many(client: Any, mapping: dict[str, bytes], ttl: int) -> None:
+        failed = client.set_many(mapping, expire=ttl, noreply=False)
         if failed:
             raise ConnectionError(f"memcached did not store {len(failed)} keys")
+
+    def write_many(self, entries: Sequence[tuple[str, bytes, int]]) -> None:
+        """One acknowledged multi-set per distinct ttl: the fewest pymemcache allows.
+
+        pymemcache gives a whole ``set_many`` one expiry, and pipelining the other batches as
+        ``noreply`` is not an option: memcached then drops a refused store without a word,
+        and a lost tombstone would let a stale row back in.
+        """
+        latest = {key: (value, ttl) for key, value, ttl in entries}  # the last write wins
+        batches: dict[int, dict[str, bytes]] = {}
+        for key, (value, ttl) in latest.items():
+            batches.setdefault(ttl, {})[key] = value
+        client = self._backend.client
+        for ttl, batch in batches.items():
+            self._set_many(client, batch, ttl)
 
     def add(self, key: str, value: bytes, ttl: int) -> bool:
         """Memcached ``add``."""
@@ -226,10 +261,14 @@ class DbmStore:
         with self._open(False) as db:
             return [self._get(db, key) for key in keys]
 
-    def set_many(self, mapping: Mapping[str, bytes], ttl: int) -> None:  # noqa: ARG002
+    def set_many(self, mapping: Mapping[str, bytes], ttl: int) -> None:
         """Write under the exclusive lock."""
+        self.write_many([(key, value, ttl) for key, value in mapping.items()])
+
+    def write_many(self, entries: Sequence[tuple[str, bytes, int]]) -> None:
+        """Write in one open of the file, under the exclusive lock; the file has no expiry."""
         with self._open(True) as db:
-            for key, value in mapping.items():
+            for key, value, _ in entries:
                 db[key] = value
 
     def add(self, key: str, value: bytes, ttl: int) -> bool:
@@ -285,6 +324,10 @@ class SerializedStore:
         with self._lock:
             self._backend.set_serialized_multi(dict(mapping))
 
+    def write_many(self, entries: Sequence[tuple[str, bytes, int]]) -> None:
+        """One serialized multi-set: the backend expires entries by its own region ttl."""
+        self.set_many({key: value for key, value, _ in entries}, 0)
+
     def add(self, key: str, value: bytes, ttl: int) -> bool:
         """Set if absent (within this process)."""
         return self.compare_and_set([(key, None, value)], ttl)[0]
@@ -315,6 +358,9 @@ class NullStore:
         return [None] * len(keys)
 
     def set_many(self, mapping: Mapping[str, bytes], ttl: int) -> None:
+        """Dropped."""
+
+    def write_many(self, entries: Sequence[tuple[str, bytes, int]]) -> None:
         """Dropped."""
 
     def add(self, key: str, value: bytes, ttl: int) -> bool:  # noqa: ARG002

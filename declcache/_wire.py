@@ -16,6 +16,7 @@ Tokens (a model's generation and list version) are bare random hex strings in th
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import time
 from typing import Any
@@ -40,9 +41,18 @@ def tombstone_marker() -> str:
 
 
 def wrap(payload: bytes) -> bytes:
-    """``payload`` in dogpile's layout, stamped with the current time."""
-    metadata = json.dumps({"ct": time.time(), "v": value_version}, separators=(",", ":"))
-    return metadata.encode("ascii") + _SEPARATOR + payload
+    """``payload`` in dogpile's layout, stamped with the current time.
+
+    The metadata is what ``json.dumps({"ct": time.time(), "v": 2})`` writes (a float's
+    ``repr`` is its JSON text), built without the json module: it is on every fill's path.
+    """
+    return b'{"ct":%r,"v":%d}|%b' % (time.time(), value_version, payload)
+
+
+#: The metadata every value declcache writes starts and ends with; :func:`unwrap` slices
+#: the creation time out from between them instead of running a JSON parser on each read.
+_HEAD_START = b'{"ct":'
+_HEAD_END = b',"v":%d}' % value_version
 
 
 def unwrap(raw: Any) -> tuple[float, bytes]:
@@ -51,6 +61,17 @@ def unwrap(raw: Any) -> tuple[float, bytes]:
     Raises:
         ValueError: ``raw`` is not in dogpile's layout (a foreign or corrupt value).
     """
+    if type(raw) is bytes and raw.startswith(_HEAD_START):
+        cut = raw.find(_SEPARATOR)
+        if raw.endswith(_HEAD_END, 0, cut) and cut > len(_HEAD_START) + len(_HEAD_END):
+            text = raw[len(_HEAD_START) : cut - len(_HEAD_END)]
+            if text.isdigit() or text.replace(b".", b"", 1).isdigit():  # no sign, no exponent
+                return float(text), raw[cut + 1 :]
+    return _unwrap_any(raw)
+
+
+def _unwrap_any(raw: Any) -> tuple[float, bytes]:
+    """:func:`unwrap` for metadata in any JSON spelling, as other dogpile writers may use."""
     if isinstance(raw, str):
         raw = raw.encode()
     if not isinstance(raw, bytes):
@@ -62,6 +83,8 @@ def unwrap(raw: Any) -> tuple[float, bytes]:
     if not isinstance(metadata, dict) or metadata.get("v") != value_version:
         raise ValueError("metadata of another dogpile value version")
     created_at = metadata["ct"]
-    if not isinstance(created_at, (int, float)):
+    if isinstance(created_at, bool) or not isinstance(created_at, (int, float)):
         raise ValueError("metadata without a creation time")
+    if not math.isfinite(created_at):
+        raise ValueError("metadata with a creation time that is not a number")
     return float(created_at), payload

@@ -27,6 +27,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from declcache._breaker import DEFAULT_BREAKER_INTERVAL
 from declcache._lru import DEFAULT_MEMORY_MAX_ENTRIES
 from declcache._meta import check_override
+from declcache._near import DEFAULT_NEAR_CACHE_MAX_ENTRIES
 from declcache._urls import parse_cache_url
 from declcache.exceptions import SettingsError
 from declcache.serializers import resolve_format
@@ -49,6 +50,9 @@ BACKEND_ALIASES: Mapping[str, str] = {
     "dogpile.cache.memcached": "dogpile.cache.pymemcache",
     "dogpile.cache.bmemcached": "dogpile.cache.bmemcached",
 }
+
+#: The one backend a near cache works with: Redis tracking pushes come from one server.
+NEAR_CACHE_BACKEND = "dogpile.cache.redis"
 
 _PREFIX_PATTERN = re.compile(r"[!-~]*")  # printable ASCII, no space: valid in every backend key
 
@@ -90,6 +94,8 @@ class CacheSettings(BaseSettings):
     memory_max_entries: int = DEFAULT_MEMORY_MAX_ENTRIES
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     breaker_interval: float = DEFAULT_BREAKER_INTERVAL
+    near_cache: bool = False
+    near_cache_max_entries: int = DEFAULT_NEAR_CACHE_MAX_ENTRIES
 
     @field_validator("arguments", "models", mode="before")
     @classmethod
@@ -109,7 +115,7 @@ class CacheSettings(BaseSettings):
             raise ValueError("must be a positive number of seconds")
         return value
 
-    @field_validator("memory_max_entries", "max_value_bytes")
+    @field_validator("memory_max_entries", "max_value_bytes", "near_cache_max_entries")
     @classmethod
     def _at_least_one(cls, value: int) -> int:
         if value < 1:
@@ -162,6 +168,9 @@ class CacheConfig:
         max_value_bytes: a payload larger than this is not cached (counted as ``oversized``).
         breaker_interval: seconds the backend is left alone after a fault before one call
             tries it again; ``0`` turns the circuit breaker off.
+        near_cache: keep Redis values in this process too, coherent through Redis client
+            tracking (single-node ``dogpile.cache.redis`` only; see docs/near-cache.md).
+        near_cache_max_entries: entries the near cache keeps (least recently used dropped).
         sources: where each field came from (``"DECLCACHE_BACKEND"``, ``"argument"``,
             ``"default"``, ``"CacheConfig(ttl=...)"``); shown by ``declcache inspect``.
 
@@ -181,6 +190,8 @@ class CacheConfig:
     memory_max_entries: int = DEFAULT_MEMORY_MAX_ENTRIES
     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
     breaker_interval: float = DEFAULT_BREAKER_INTERVAL
+    near_cache: bool = False
+    near_cache_max_entries: int = DEFAULT_NEAR_CACHE_MAX_ENTRIES
     sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     _FIELDS_FROM_ENV: ClassVar[tuple[str, ...]] = (
@@ -195,6 +206,8 @@ class CacheConfig:
         "memory_max_entries",
         "max_value_bytes",
         "breaker_interval",
+        "near_cache",
+        "near_cache_max_entries",
     )
 
     def __post_init__(self) -> None:
@@ -232,6 +245,7 @@ class CacheConfig:
         if not isinstance(backend, str) or not backend:
             raise SettingsError(self.setting_name("backend"), "expected a dogpile backend name")
         object.__setattr__(self, "backend", self._alias(backend))
+        self._check_near_cache()
         object.__setattr__(self, "arguments", MappingProxyType(arguments))
         object.__setattr__(
             self,
@@ -269,7 +283,7 @@ class CacheConfig:
             )
 
     def _check_limits(self) -> None:
-        for name in ("memory_max_entries", "max_value_bytes"):
+        for name in ("memory_max_entries", "max_value_bytes", "near_cache_max_entries"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SettingsError(
@@ -280,6 +294,19 @@ class CacheConfig:
             raise SettingsError(
                 self.setting_name("breaker_interval"),
                 f"expected 0 (off) or a positive number of seconds, got {interval!r}",
+            )
+
+    def _check_near_cache(self) -> None:
+        """Refuse a near cache the backend cannot keep coherent, at start-up, not per read."""
+        if not isinstance(self.near_cache, bool):
+            raise SettingsError(
+                self.setting_name("near_cache"), f"expected true or false, got {self.near_cache!r}"
+            )
+        if self.near_cache and self.enabled and self.backend != NEAR_CACHE_BACKEND:
+            raise SettingsError(
+                self.setting_name("near_cache"),
+                f"needs a single Redis server ({NEAR_CACHE_BACKEND}, redis:// or rediss://) "
+                f"whose client tracking keeps it coherent; the backend is {self.backend!r}",
             )
 
     def _check_key_prefix(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -143,10 +144,9 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
     async def _load_rest(
         self, manager: CacheManager, idents: builtins.list[Any]
     ) -> builtins.list[Any]:
-        if not manager.blocking:  # all hits need no thread
-            cached = manager.get_many(self.model_type, idents)
-            if all(result is not Lookup.MISS for result in cached):
-                return [_found(result) for result in cached]
+        probe = await manager.aprobe(self.model_type, idents)
+        if all(result is not Lookup.MISS for result in probe.results):  # no thread, no query
+            return [_found(result) for result in probe.results]
         loop = asyncio.get_running_loop()
 
         def loader(missing: builtins.list[Any]) -> builtins.list[Any]:
@@ -157,7 +157,7 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
             return loaded
 
         items: builtins.list[Any] = await asyncio.to_thread(
-            manager.load_many, self.model_type, idents, loader
+            functools.partial(manager.load_many, probe=probe), self.model_type, idents, loader
         )
         return items
 
@@ -204,11 +204,17 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         return item
 
     async def _read_entity(self, manager: CacheManager, ident: Any) -> Any:
-        async def query() -> Any:  # built on a miss only: a hit needs no statement
+        landed = _FLIGHTS.landed
+        probe = await manager.aprobe(self.model_type, [ident])
+        found = probe.results[0]
+        if found is not Lookup.MISS:  # a hit: no plan, no singleflight, no statement
+            return _found(found)
+
+        async def query() -> Any:
             result = await self.session.execute(self._entity_statement(ident))
             return result.scalars().one_or_none()
 
-        return await self._run(self._entity_read(manager, ident), query)
+        return await self._run(self._entity_read(manager, ident), query, probe, landed)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -263,10 +269,16 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
 
     async def _cached_query(self, kind: str, statement: Select[Any], use_cache: bool) -> Any:
         manager = self._cache_for(use_cache)
-        read = None if manager is None else self._query_read(manager, kind, statement)
-        if read is None:
+        key = None if manager is None else self._query_key(kind, statement)
+        if manager is None or key is None:
             return await self._query(kind, statement, reload=False)
-        return await self._run(read, lambda: self._query(kind, statement, reload=True))
+        landed = _FLIGHTS.landed
+        probe = await manager.aprobe_list(self.model_type, key)
+        if probe.result is not Lookup.MISS:
+            return probe.result
+        read = self._query_read(manager, key)
+        query = lambda: self._query(kind, statement, reload=True)  # noqa: E731
+        return await self._run(read, query, probe, landed)
 
     async def _query(self, kind: str, statement: Select[Any], *, reload: bool) -> Any:
         if kind == "list":
@@ -279,8 +291,14 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
 
     # -- running a cached read ---------------------------------------------------------------
 
-    async def _run(self, read: CachedRead, query: Callable[[], Awaitable[Any]]) -> Any:
-        """Run a planned read: singleflight on this loop, the fill lock across processes."""
+    async def _run(
+        self, read: CachedRead, query: Callable[[], Awaitable[Any]], probe: Any, landed: int
+    ) -> Any:
+        """Run a read that missed: singleflight on this loop, the fill lock across processes.
+
+        ``probe`` is what the missed look-up saw when :attr:`AsyncFlights.landed` was
+        ``landed`` (see the sync repository's ``_run``).
+        """
         loop = asyncio.get_running_loop()
 
         def loader() -> Any:  # runs in the manager's worker thread
@@ -288,22 +306,18 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
 
         async def lead() -> Any:
             mutex = read.mutex()
-            if mutex is None and read.blocking:
-                return await asyncio.to_thread(read.load, loader)
-            found = await asyncio.to_thread(read.lookup) if read.blocking else read.lookup()
-            if found is not Lookup.MISS:
-                return found
             if mutex is None:
-                return await asyncio.to_thread(read.load, loader)
+                seen = probe if _FLIGHTS.landed == landed else None
+                return await asyncio.to_thread(read.load, loader, seen)
             async with _held(mutex):
-                return await asyncio.to_thread(read.load, loader)
+                return await asyncio.to_thread(read.load, loader, None)
 
         if read.flight_key is None:
             return await lead()
         outcome = await _FLIGHTS.run(read.flight_key, self._sync_session, lead)
         if self._reusable(outcome):
             return outcome.result()
-        return await asyncio.to_thread(read.load, loader)  # the leader filled the cache
+        return await asyncio.to_thread(read.load, loader, None)  # the leader filled the cache
 
     @staticmethod
     def _on_loop(loop: asyncio.AbstractEventLoop, make: Callable[[], Awaitable[Any]]) -> Any:

@@ -17,6 +17,7 @@ session loaded earlier must not put its older state into the cache.
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
@@ -66,24 +67,33 @@ def _found(result: Any) -> Any:
 
 @dataclass(frozen=True)
 class CachedRead:
-    """One read-through, planned: what the sync and async layers run, in this order.
+    """One read-through after a look-up missed, planned: what the sync and async layers run.
 
-    The leader of :attr:`flight_key` takes :attr:`mutex` (if any) after a :attr:`lookup`
-    miss, then runs :attr:`load` with a database loader; the manager fills the cache.
+    A hit never gets this far: the repositories answer it straight from the manager's
+    probe. On a miss, the leader of :attr:`flight_key` runs :attr:`load` with a database
+    loader and the probe (or, holding :attr:`mutex`, with ``None``: it must look again under
+    the lock); the manager fills the cache.
 
     Attributes:
         flight_key: names the read for singleflight; ``None`` when it cannot be named.
-        lookup: the cached value, or ``Lookup.MISS``; loads and fills nothing.
-        load: ``load(loader)``: the cached value, else ``loader()``'s, filled in the cache.
+        load: ``load(loader, probe)``: the cached value, else ``loader()``'s, filled in the
+            cache; ``probe`` is what the missed look-up saw, so it is not looked up again.
         mutex: the backend's distributed fill lock, or ``None``.
         blocking: whether the backend does I/O (async callers use a thread).
     """
 
     flight_key: Hashable | None
-    lookup: Callable[[], Any]
-    load: Callable[[Callable[..., Any]], Any]
+    load: Callable[[Callable[..., Any], Any], Any]
     mutex: Callable[[], Any]
     blocking: bool
+
+
+@functools.cache
+def _model_shape(model: type) -> tuple[Mapper[Any], list[Any], tuple[str, ...]]:
+    """``(mapper, primary-key columns, primary-key attribute names)``, worked out once."""
+    mapper: Mapper[Any] = inspect(model)
+    columns = list(mapper.primary_key)
+    return mapper, columns, tuple(mapper.get_property_by_column(c).key for c in columns)
 
 
 class RepositoryBase(Generic[ModelT]):
@@ -110,11 +120,7 @@ class RepositoryBase(Generic[ModelT]):
         self.auto_refresh = auto_refresh
         self.auto_commit = auto_commit
         self._sync_session = sync_session
-        self._mapper: Mapper[Any] = inspect(model)
-        self._pk_columns = list(self._mapper.primary_key)
-        self._pk_names = tuple(
-            self._mapper.get_property_by_column(column).key for column in self._pk_columns
-        )
+        self._mapper, self._pk_columns, self._pk_names = _model_shape(model)
         self._dialect: Dialect | None = None
         self._manager = self._attach_manager(sync_session, cache_manager)
 
@@ -157,9 +163,10 @@ class RepositoryBase(Generic[ModelT]):
     def _is_writing(self) -> bool:
         """Whether the session holds pending or flushed, uncommitted changes to the model."""
         session, model = self._sync_session, self.model_type
-        for items in (session.new, session.dirty, session.deleted):
-            if any(isinstance(item, model) for item in items):
-                return True
+        if not session._is_clean():  # a quick test first: most reads come with no changes
+            for items in (session.new, session.dirty, session.deleted):
+                if any(isinstance(item, model) for item in items):
+                    return True
         return has_uncommitted_changes(session, model)
 
     @staticmethod
@@ -194,9 +201,12 @@ class RepositoryBase(Generic[ModelT]):
             values: tuple[Any, ...] = tuple(ident[name] for name in self._pk_names)
         else:
             values = ident if isinstance(ident, tuple) else (ident,)
+        identity_map = self._sync_session.identity_map
+        if not identity_map:  # a fresh session, as for most requests
+            return None
         try:
             key = self._mapper.identity_key_from_primary_key(values)
-            item = self._sync_session.identity_map.get(key)
+            item = identity_map.get(key)
         except (TypeError, KeyError):  # an unhashable or malformed ident
             return None
         if item is None:
@@ -249,8 +259,7 @@ class RepositoryBase(Generic[ModelT]):
         model = self.model_type
         return CachedRead(
             flight_key=self._entity_flight_key(manager, ident),
-            lookup=lambda: _found(manager.get(model, ident)),
-            load=lambda loader: manager.load(model, ident, loader),
+            load=lambda loader, probe: manager.load(model, ident, loader, probe=probe),
             mutex=lambda: manager.fill_mutex(model, ident),
             blocking=manager.blocking,
         )
@@ -305,18 +314,16 @@ class RepositoryBase(Generic[ModelT]):
             .limit(1)
         )
 
-    def _query_read(
-        self, manager: CacheManager, kind: str, statement: Select[Any]
-    ) -> CachedRead | None:
-        """The read-through of a query result, or ``None`` when the query cannot be keyed."""
-        key = query_key(kind, statement, self._get_dialect(), self._tables)
-        if key is None:
-            return None
+    def _query_key(self, kind: str, statement: Select[Any]) -> str | None:
+        """The cache key of a query result, or ``None`` when the query cannot be keyed."""
+        return query_key(kind, statement, self._get_dialect(), self._tables)
+
+    def _query_read(self, manager: CacheManager, key: str) -> CachedRead:
+        """The read-through of the query result cached under ``key``."""
         model = self.model_type
         return CachedRead(
             flight_key=(manager, model, key),
-            lookup=lambda: manager.get_list(model, key),
-            load=lambda loader: manager.load_list(model, key, loader),
+            load=lambda loader, probe: manager.load_list(model, key, loader, probe=probe),
             mutex=lambda: manager.fill_mutex(model, query_key=key),
             blocking=manager.blocking,
         )

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from declcache._api import Lookup
 from declcache._singleflight import ThreadFlights
-from declcache.repository._base import CachedRead, ModelT, RepositoryBase
+from declcache.repository._base import CachedRead, ModelT, RepositoryBase, _found
 
 if TYPE_CHECKING:
     import builtins
@@ -172,10 +172,16 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
         return item
 
     def _read_entity(self, manager: CacheManager, ident: Any) -> Any:
-        def loader() -> Any:  # built on a miss only: a hit needs no statement
+        landed = _FLIGHTS.landed
+        probe = manager.probe(self.model_type, [ident])
+        found = probe.results[0]
+        if found is not Lookup.MISS:  # a hit: no plan, no singleflight, no statement
+            return _found(found)
+
+        def loader() -> Any:
             return self.session.execute(self._entity_statement(ident)).scalars().one_or_none()
 
-        return self._run(self._entity_read(manager, ident), loader)
+        return self._run(self._entity_read(manager, ident), loader, probe, landed)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -230,10 +236,15 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
 
     def _cached_query(self, kind: str, statement: Select[Any], use_cache: bool) -> Any:
         manager = self._cache_for(use_cache)
-        read = None if manager is None else self._query_read(manager, kind, statement)
-        if read is None:
+        key = None if manager is None else self._query_key(kind, statement)
+        if manager is None or key is None:
             return self._query(kind, statement, reload=False)
-        return self._run(read, lambda: self._query(kind, statement, reload=True))
+        landed = _FLIGHTS.landed
+        probe = manager.probe_list(self.model_type, key)
+        if probe.result is not Lookup.MISS:
+            return probe.result
+        read = self._query_read(manager, key)
+        return self._run(read, lambda: self._query(kind, statement, reload=True), probe, landed)
 
     def _query(self, kind: str, statement: Select[Any], *, reload: bool) -> Any:
         if kind == "list":
@@ -246,25 +257,27 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
 
     # -- running a cached read ---------------------------------------------------------------
 
-    def _run(self, read: CachedRead, loader: Callable[[], Any]) -> Any:
-        """Run a planned read: singleflight in this process, the fill lock across processes."""
+    def _run(self, read: CachedRead, loader: Callable[[], Any], probe: Any, landed: int) -> Any:
+        """Run a read that missed: singleflight in this process, the fill lock across processes.
+
+        ``probe`` is what the missed look-up saw, when :attr:`ThreadFlights.landed` was
+        ``landed``; the leader fills against it unless a flight landed since (it may have
+        filled the entry) or it takes the fill lock: then it looks again.
+        """
 
         def lead() -> Any:
             mutex = read.mutex()
             if mutex is None:
-                return read.load(loader)
-            found = read.lookup()
-            if found is not Lookup.MISS:
-                return found
+                return read.load(loader, probe if _FLIGHTS.landed == landed else None)
             with _held(mutex):
-                return read.load(loader)
+                return read.load(loader, None)
 
         if read.flight_key is None:
             return lead()
         outcome = _FLIGHTS.run(read.flight_key, self.session, lead)
         if self._reusable(outcome):
             return outcome.result()
-        return read.load(loader)  # the leader filled the cache: normally a hit
+        return read.load(loader, None)  # the leader filled the cache: normally a hit
 
     # -- writes ------------------------------------------------------------------------------
 

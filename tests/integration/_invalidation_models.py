@@ -14,11 +14,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ForeignKey, String, delete, select
+from sqlalchemy import ForeignKey, String, create_engine, delete, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+    from pathlib import Path
 
     from sqlalchemy.engine import Engine
 
@@ -188,3 +189,19 @@ def writing(engine: Engine, manager: CacheManager) -> Iterator[Session]:
     """A plain session whose commits invalidate through ``manager``."""
     with Session(engine, info={"cache_manager": manager}) as session:
         yield session
+
+
+@contextmanager
+def sqlite_engine(path: Path) -> Iterator[Engine]:
+    """A SQLite file database at ``path`` with every table and the starting rows, the cache
+    listeners registered; disposed on exit."""
+    from declcache import setup_cache_listeners
+
+    setup_cache_listeners()
+    engine = create_engine(f"sqlite:///{path}")
+    Base.metadata.create_all(engine)
+    reset_rows(engine)
+    try:
+        yield engine
+    finally:
+        engine.dispose()

@@ -23,15 +23,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import redis
-from sqlalchemy import create_engine, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
-from declcache import CacheConfig, CacheManager, setup_cache_listeners
+from declcache import CacheConfig, CacheManager
 from declcache import _manager as manager_module
 from declcache import _replay as replay_module
 from tests import _servers
-from tests.integration._invalidation_models import Base, Item, Reader, reset_rows, writing
+from tests.integration._invalidation_models import Item, Reader, sqlite_engine, writing
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
@@ -46,12 +46,8 @@ PAUSE_SECONDS = 2.0
 
 @pytest.fixture
 def engine(tmp_path: Any) -> Iterator[Engine]:
-    setup_cache_listeners()
-    engine = create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    Base.metadata.create_all(engine)
-    reset_rows(engine)
-    yield engine
-    engine.dispose()
+    with sqlite_engine(tmp_path / "db.sqlite") as engine:
+        yield engine
 
 
 @pytest.fixture
@@ -274,6 +270,29 @@ async def test_async_commit_during_a_pause_does_not_block_the_event_loop(
     assert reader.get(Item, 1) == NEW
 
 
+def test_a_restarted_memcached_is_used_again_at_the_next_probe(
+    engine: Engine, key_prefix: str, private_memcached: _servers.MemcachedProcess
+) -> None:
+    """One server gets pymemcache's plain client: no node is held out of a hash ring after a
+    fault, so the breaker's probe alone decides when the cache is used again."""
+    address = f"{private_memcached.host}:{private_memcached.port}"
+    manager = CacheManager(
+        CacheConfig(url=f"memcached://{address}", key_prefix=key_prefix, breaker_interval=0.2)
+    )
+    reader = Reader(engine, manager)
+    warm(reader, 1)
+
+    private_memcached.stop()
+    assert reader.get(Item, 1) == {"id": 1, "name": "item-1"}  # from the database
+    assert manager.breaker_stats().state == "open"
+
+    private_memcached.start()  # empty
+    time.sleep(0.3)  # past the interval: the next call is the probe
+    assert reader.loads_during(lambda: reader.get(Item, 1)) == 1  # the probe: a miss, a fill
+    assert manager.breaker_stats().state == "closed"
+    assert reader.loads_during(lambda: reader.get(Item, 1)) == 0  # cached again
+
+
 # --- a hung server ------------------------------------------------------------------------------
 
 
@@ -324,6 +343,10 @@ class FlakyStore:
     def set_many(self, mapping: Mapping[str, bytes], ttl: int) -> None:
         self._write_gate()
         self.inner.set_many(mapping, ttl)
+
+    def write_many(self, entries: Sequence[tuple[str, bytes, int]]) -> None:
+        self._write_gate()
+        self.inner.write_many(entries)
 
     def add(self, key: str, value: bytes, ttl: int) -> bool:
         return self.inner.add(key, value, ttl)  # type: ignore[no-any-return]

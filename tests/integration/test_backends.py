@@ -43,7 +43,7 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
-from declcache import CacheConfig, CacheManager, Lookup, SettingsError
+from declcache import CacheConfig, CacheManager, Lookup, SettingsError, setup_cache_listeners
 from tests import _servers
 
 if TYPE_CHECKING:
@@ -312,6 +312,38 @@ def delete_redis_keys(host: str, port: int, key_prefix: str) -> None:
         client.close()
 
 
+#: The two ttls of :func:`write_mixed_ttls`: a tombstone's and a token's, as in one commit.
+SHORT_TTL, LONG_TTL = 100, 10_000
+
+
+def write_mixed_ttls(manager: CacheManager) -> list[str]:
+    """One ``write_many`` of three keys with two ttls, one key written twice; the keys.
+
+    The values end as ``zero``, ``one``, ``two`` with ttls short, long, short: the second
+    write of the first key wins, ttl included.
+    """
+    cache = manager._cache(Widget)
+    assert cache is not None
+    keys = [entity_key(manager, Widget, 900_000 + n) for n in range(3)]
+    cache.store.write_many(
+        [
+            (keys[0], b"overwritten", LONG_TTL),
+            (keys[1], b"one", LONG_TTL),
+            (keys[0], b"zero", SHORT_TTL),
+            (keys[2], b"two", SHORT_TTL),
+        ]
+    )
+    return keys
+
+
+def assert_mixed_ttls(seconds_left: list[int]) -> None:
+    """The server ttls of :func:`write_mixed_ttls`'s keys are short, long, short."""
+    first, second, third = seconds_left
+    assert 0 < first <= SHORT_TTL
+    assert SHORT_TTL < second <= LONG_TTL
+    assert 0 < third <= SHORT_TTL
+
+
 # --- the backend-agnostic suite -------------------------------------------------------------------
 
 
@@ -400,6 +432,13 @@ class BackendSuite:
         if self.keeps_values:
             assert stats["Widget"].hits >= 5
             assert stats["Widget"].fills >= 3
+
+    def test_write_many_writes_every_entry(self, manager: CacheManager) -> None:
+        keys = write_mixed_ttls(manager)
+        cache = manager._cache(Widget)
+        assert cache is not None
+        expected = [b"zero", b"one", b"two"] if self.keeps_values else [None] * 3
+        assert cache.store.get_many(keys) == expected
 
     def test_clear_drops_every_cached_model(self, manager: CacheManager, session: Session) -> None:
         widget, gadget, note = WidgetFactory(), GadgetFactory(), NoteFactory()
@@ -628,6 +667,12 @@ class RedisChecks(StoredBytesChecks):
         assert len(keys) >= 5
         assert all(raw.client.ttl(key) > 0 for key in keys), "a key without expiry"
 
+    def test_write_many_gives_each_entry_its_own_server_ttl(
+        self, manager: CacheManager, raw: RedisRaw
+    ) -> None:
+        keys = write_mixed_ttls(manager)
+        assert_mixed_ttls([raw.client.ttl(key) for key in keys])
+
     def test_regions_of_one_manager_share_one_connection_pool(
         self, manager: CacheManager, session: Session
     ) -> None:
@@ -645,6 +690,37 @@ class RedisChecks(StoredBytesChecks):
 
 
 class TestRedis(RedisChecks, BackendSuite):
+    def test_a_commit_invalidates_in_one_round_trip(
+        self, manager: CacheManager, session: Session, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The tombstone (model ttl) and the list token (longer) go in one pipeline."""
+        import redis.connection
+
+        setup_cache_listeners()
+        widget = WidgetFactory()
+        assert manager.set(Widget, widget)
+        sent: list[bytes] = []
+        original = redis.connection.AbstractConnection.send_packed_command
+
+        def counting(self: Any, command: Any, check_health: bool = True) -> None:
+            sent.append(b"".join(command) if isinstance(command, list) else command)
+            original(self, command, check_health)
+
+        with Session(session.get_bind(), info={"cache_manager": manager}) as writer:
+            row = writer.get(Widget, widget.id)
+            assert row is not None
+            row.name = "renamed"
+            monkeypatch.setattr(
+                redis.connection.AbstractConnection, "send_packed_command", counting
+            )
+            writer.commit()
+            monkeypatch.undo()
+
+        assert len(sent) == 1, sent  # one write to the server: one round trip
+        assert sent[0].count(b"$3\r\nSET\r\n") == 2  # the tombstone and the list token
+        assert manager.get(Widget, widget.id) is Lookup.MISS
+        assert manager.stats()["Widget"].errors == 0
+
     def test_backend_down_falls_back_to_the_loader(self, key_prefix: str, session: Session) -> None:
         with _servers.start_redis_server() as server:
             manager = CacheManager(_redis_config(*server.address, key_prefix))
@@ -752,6 +828,12 @@ class MemcachedChecks(StoredBytesChecks):
             meta = _memcached_meta(memcached_address, key)
             assert 0 < int(meta["t"]) <= ttl + 60
             assert meta["f"] == "0"  # pymemcache's pickle flag is 1: nothing is pickled
+
+    def test_write_many_gives_each_entry_its_own_server_ttl(
+        self, manager: CacheManager, memcached_address: tuple[str, int]
+    ) -> None:
+        keys = write_mixed_ttls(manager)
+        assert_mixed_ttls([int(_memcached_meta(memcached_address, key)["t"]) for key in keys])
 
 
 class TestPymemcache(MemcachedChecks, BackendSuite):

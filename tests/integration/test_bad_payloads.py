@@ -316,6 +316,21 @@ def test_a_payload_of_another_entity_is_not_returned(
     assert found is Lookup.MISS, f"asked for Target 1, got Target {found.id}"
 
 
+def test_a_payload_read_before_under_its_own_key_is_not_returned_under_another(
+    manager: CacheManager, raw_cache: RawCache, stored: tuple[str, bytes, list[Any]]
+) -> None:
+    # The manager remembers payloads it parsed, and the key each was found to belong to:
+    # the same bytes read under another key must be checked again, not trusted.
+    key, _, _ = stored
+    assert manager.get(Target, 2).id == 2
+    raw_cache.set(key, present(raw_cache, entity_key(manager, Target, 2)))
+
+    found = manager.get(Target, 1)
+
+    assert found is Lookup.MISS, f"asked for Target 1, got Target {found.id}"
+    assert manager.get(Target, 2).id == 2
+
+
 def test_a_pointer_under_a_primary_key_is_not_followed(
     manager: CacheManager, raw_cache: RawCache, stored: tuple[str, bytes, list[Any]]
 ) -> None:

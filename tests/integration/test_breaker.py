@@ -140,6 +140,10 @@ class CountingStore:
         self._count()
         self.inner.set_many(mapping, ttl)
 
+    def write_many(self, entries: Sequence[tuple[str, bytes, int]]) -> None:
+        self._count()
+        self.inner.write_many(entries)
+
     def add(self, key: str, value: bytes, ttl: int) -> bool:
         self._count()
         return self.inner.add(key, value, ttl)  # type: ignore[no-any-return]

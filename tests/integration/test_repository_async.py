@@ -7,6 +7,7 @@ no SELECT of the table (``before_cursor_execute`` on the async engine's sync eng
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -111,6 +112,59 @@ async def test_get_reads_through_the_cache(db: SQLAlchemyAsyncConfig, sent: Stat
     assert queries == 0
     assert values(cached) == values(first)
     assert inspect(cached).detached
+
+
+async def test_hits_are_answered_on_the_event_loop_without_a_worker_thread(
+    db: SQLAlchemyAsyncConfig,
+    sent: StatementLog,
+    cache_backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await authors(db, 3)
+    await read(db, sent, lambda s: repo(s).get_many([1, 3]))
+    await read(db, sent, lambda s: repo(s).list(order_by=Author.id))
+    hops: list[Any] = []
+    to_thread = asyncio.to_thread
+
+    async def counted(function: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(function)
+        return await to_thread(function, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+
+    found, queries = await read(db, sent, lambda s: repo(s).get(1))
+    listed, list_queries = await read(db, sent, lambda s: repo(s).list(order_by=Author.id))
+    many, many_queries = await read(db, sent, lambda s: repo(s).get_many([3, 1]))
+
+    assert (queries, list_queries, many_queries) == (0, 0, 0)
+    assert found.id == 1
+    assert [author.id for author in listed] == [1, 2, 3]
+    assert [author.id for author in many] == [3, 1]
+    # Memory answers in process; Redis is awaited through redis.asyncio. Memcached has no
+    # asyncio client here: its look-ups still hop to a worker thread.
+    assert len(hops) == (3 if cache_backend == "memcached" else 0)
+
+
+@pytest.mark.parametrize("cache_backend", ["redis"])  # the awaited look-up is Redis's only
+async def test_an_awaited_redis_look_up_that_fails_reads_the_database(
+    db: SQLAlchemyAsyncConfig, sent: StatementLog
+) -> None:
+    first, *_ = await authors(db, 2)
+    await read(db, sent, lambda s: repo(s).get(1))
+    manager = db.cache_manager
+    assert manager is not None
+    cache = manager._cache(Author)
+    assert cache is not None
+    assert cache.reader is not None
+    cache.reader._connection_kwargs = {**cache.reader._connection_kwargs, "port": 1}
+    cache.reader._clients.clear()  # the next look-up connects to a closed port
+
+    found, queries = await read(db, sent, lambda s: repo(s).get(1))
+
+    assert queries == 1
+    assert values(found) == values(first)
+    assert manager.stats()["Author"].errors >= 1
+    assert manager.breaker_stats().state == "open"
 
 
 async def test_get_of_a_missing_row_raises_and_is_not_cached(

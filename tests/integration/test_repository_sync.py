@@ -108,6 +108,83 @@ def test_get_reads_through_the_cache(db: SQLAlchemySyncConfig, sent: StatementLo
     assert inspect(cached).detached
 
 
+class CountingStore:
+    """The real store of a model, counting its calls: each call is one backend round trip."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return method(*args, **kwargs)
+
+        return counted
+
+
+def count_backend_calls(db: SQLAlchemySyncConfig, model: type) -> CountingStore:
+    manager = db.cache_manager
+    assert manager is not None
+    cache = manager._cache(model)
+    assert cache is not None
+    counting = CountingStore(cache.store.inner)
+    cache.store.inner = counting
+    return counting
+
+
+def test_a_hit_is_one_backend_call_and_a_miss_two(
+    db: SQLAlchemySyncConfig, sent: StatementLog
+) -> None:
+    authors(db, 3)
+    backend = count_backend_calls(db, Author)
+    read(db, sent, lambda s: AuthorRepo(session=s).get(3))  # both tokens exist from now on
+    read(db, sent, lambda s: AuthorRepo(session=s).list(order_by=Author.id))
+
+    backend.calls.clear()
+    _, queries = read(db, sent, lambda s: AuthorRepo(session=s).get(1))
+    assert queries == 1
+    assert backend.calls == ["get_many", "compare_and_set"]  # the look-up is not repeated
+
+    backend.calls.clear()
+    _, queries = read(db, sent, lambda s: AuthorRepo(session=s).get(1))
+    assert queries == 0
+    assert backend.calls == ["get_many"]
+
+    backend.calls.clear()
+    _, queries = read(db, sent, lambda s: AuthorRepo(session=s).list(Author.id > 1))
+    assert queries == 1
+    assert backend.calls == ["get_many", "set_many"]
+    backend.calls.clear()
+    found, queries = read(db, sent, lambda s: AuthorRepo(session=s).list(Author.id > 1))
+    assert (queries, backend.calls) == (0, ["get_many"])
+    assert [author.id for author in found] == [2, 3]
+
+
+def test_hits_of_one_cached_payload_are_independent_instances(
+    db: SQLAlchemySyncConfig, sent: StatementLog
+) -> None:
+    authors(db, 2)
+    read(db, sent, lambda s: AuthorRepo(session=s).get(1))
+    read(db, sent, lambda s: AuthorRepo(session=s).list(order_by=Author.id))
+
+    first, _ = read(db, sent, lambda s: AuthorRepo(session=s).get(1))
+    second, queries = read(db, sent, lambda s: AuthorRepo(session=s).get(1))
+    assert queries == 0
+    assert first is not second
+    assert inspect(first).dict is not inspect(second).dict
+    first.name = "changed in memory only"
+    assert second.name != first.name
+    listed, queries = read(db, sent, lambda s: AuthorRepo(session=s).list(order_by=Author.id))
+    again, _ = read(db, sent, lambda s: AuthorRepo(session=s).list(order_by=Author.id))
+    assert queries == 0
+    assert all(a is not b for a, b in zip(listed, again, strict=True))
+    assert again[0].name == second.name
+    assert not inspect(again[0]).modified
+
+
 def test_get_of_a_missing_row_raises_and_is_not_cached(
     db: SQLAlchemySyncConfig, sent: StatementLog
 ) -> None:
@@ -309,7 +386,7 @@ def test_an_entity_invalidation_never_leaves_a_stale_row_in_a_cached_list(
     assert manager is not None
     original = manager.load_list
 
-    def racing_load_list(model: type, key: str, loader: Callable[[], Any]) -> Any:
+    def racing_load_list(model: type, key: str, loader: Callable[[], Any], **options: Any) -> Any:
         def loader_then_commit() -> Any:
             result = loader()
             with db.get_session() as other:
@@ -317,7 +394,7 @@ def test_an_entity_invalidation_never_leaves_a_stale_row_in_a_cached_list(
                 other.commit()
             return result
 
-        return original(model, key, loader_then_commit)
+        return original(model, key, loader_then_commit, **options)
 
     manager.invalidate_model(Author)  # the next list read must query
     with db.get_session() as session:

@@ -441,6 +441,29 @@ def test_several_memcached_nodes_share_keys_and_survive_a_dead_node(
     ]
 
 
+@pytest.mark.parametrize(("nodes", "client"), [(1, "Client"), (2, "HashClient")])
+def test_every_memcached_store_step_on_one_node_and_on_several(
+    key_prefix: str, two_memcached: list[_servers.MemcachedProcess], nodes: int, client: str
+) -> None:
+    """One node gets pymemcache's plain client (no key hashing), several its HashClient."""
+    url = "memcached://" + ",".join(f"{n.host}:{n.port}" for n in two_memcached[:nodes])
+    cache = CacheManager(CacheConfig(url=url, key_prefix=key_prefix))._cache(Item)
+    assert cache is not None
+    assert type(cache.region.backend.client).__name__ == client
+    store = cache.store
+    a, b, c = (cache.key_of(("id",), (ident,)) for ident in (1, 2, 3))
+    store.write_many([(a, b"a", 100), (b, b"b", 10_000)])
+    store.set_many({c: b"c"}, 100)
+    assert store.get_many([a, b, c]) == [b"a", b"b", b"c"]
+    assert store.add(a, b"x", 100) is False
+    assert store.compare_and_set([(a, b"a", b"a2"), (b, b"stale", b"b2")], 100) == [True, False]
+    store.delete_many([a, c])
+    assert store.get_many([a, b, c]) == [None, b"b", None]
+    assert store.add(a, b"a3", 100) is True
+    assert store.compare_and_set([(c, None, b"c2")], 100) == [True]
+    assert store.get_many([a, b, c]) == [b"a3", b"b", b"c2"]
+
+
 # --- observability ----------------------------------------------------------------------------
 
 

@@ -31,6 +31,8 @@ DEFAULTS = {
     "memory_max_entries": 10_000,
     "max_value_bytes": 512 * 1024,
     "breaker_interval": 1.0,
+    "near_cache": False,
+    "near_cache_max_entries": 10_000,
 }
 
 
@@ -574,3 +576,105 @@ def test_invalid_from_env_argument_names_the_argument(monkeypatch: pytest.Monkey
         CacheConfig.from_env(expiration_time=-1)
 
     assert settings_error(excinfo).startswith("CacheConfig.expiration_time: ")
+
+
+# -- near cache ------------------------------------------------------------------------------
+
+
+def test_near_cache_variables_are_read_with_a_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DECLCACHE_URL", "rediss://user:pw@cache.internal:6380/2")
+    monkeypatch.setenv("DECLCACHE_NEAR_CACHE", "true")
+    monkeypatch.setenv("DECLCACHE_NEAR_CACHE_MAX_ENTRIES", "500")
+
+    config = CacheConfig.from_env()
+
+    assert (config.backend, config.near_cache, config.near_cache_max_entries) == (
+        "dogpile.cache.redis",
+        True,
+        500,
+    )
+    assert config.sources["near_cache"] == "DECLCACHE_NEAR_CACHE"
+    assert config.sources["near_cache_max_entries"] == "DECLCACHE_NEAR_CACHE_MAX_ENTRIES"
+
+
+def test_near_cache_is_an_argument_and_an_override() -> None:
+    config = CacheConfig(backend="dogpile.cache.redis", near_cache=True, near_cache_max_entries=3)
+
+    smaller = config.with_overrides(near_cache_max_entries=2)
+
+    assert (smaller.near_cache, smaller.near_cache_max_entries) == (True, 2)
+    assert smaller.sources["near_cache_max_entries"] == "CacheConfig(near_cache_max_entries=...)"
+    assert config.sources["near_cache"] == "CacheConfig(near_cache=...)"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "memory://",
+        "null://",
+        "memcached://h:11211",
+        "file:///tmp/c.dbm",
+        "redis+cluster://h:7000",
+        "redis+sentinel://h:26379/mymaster",
+    ],
+)
+def test_near_cache_without_a_single_redis_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setenv("DECLCACHE_URL", url)
+    monkeypatch.setenv("DECLCACHE_NEAR_CACHE", "1")
+
+    with pytest.raises(SettingsError) as excinfo:
+        CacheConfig.from_env()
+
+    assert excinfo.value.setting == "DECLCACHE_NEAR_CACHE"
+    assert "single Redis server" in settings_error(excinfo)
+
+
+def test_near_cache_argument_with_the_memory_backend_is_refused() -> None:
+    with pytest.raises(SettingsError) as excinfo:
+        CacheConfig(near_cache=True)
+
+    assert settings_error(excinfo).startswith("CacheConfig.near_cache: ")
+
+
+def test_near_cache_off_or_caching_off_accepts_any_backend() -> None:
+    assert CacheConfig(backend="dogpile.cache.memory", near_cache=False).near_cache is False
+    assert CacheConfig(backend="dogpile.cache.memory", near_cache=True, enabled=False).near_cache
+
+
+@pytest.mark.parametrize(
+    ("variable", "text"),
+    [
+        ("DECLCACHE_NEAR_CACHE", "maybe"),
+        ("DECLCACHE_NEAR_CACHE_MAX_ENTRIES", "0"),
+        ("DECLCACHE_NEAR_CACHE_MAX_ENTRIES", "-3"),
+        ("DECLCACHE_NEAR_CACHE_MAX_ENTRIES", "many"),
+    ],
+)
+def test_invalid_near_cache_variable_names_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str, text: str
+) -> None:
+    monkeypatch.setenv("DECLCACHE_URL", "redis://localhost:6379/0")
+    monkeypatch.setenv(variable, text)
+
+    with pytest.raises(SettingsError) as excinfo:
+        CacheConfig.from_env()
+
+    assert excinfo.value.setting == variable
+
+
+@pytest.mark.parametrize(
+    ("arguments", "name"),
+    [
+        ({"near_cache_max_entries": 0}, "CacheConfig.near_cache_max_entries"),
+        ({"near_cache_max_entries": True}, "CacheConfig.near_cache_max_entries"),
+        ({"near_cache_max_entries": 2.5}, "CacheConfig.near_cache_max_entries"),
+        ({"near_cache": "yes"}, "CacheConfig.near_cache"),
+    ],
+)
+def test_invalid_near_cache_argument_names_it(arguments: dict[str, Any], name: str) -> None:
+    with pytest.raises(SettingsError) as excinfo:
+        CacheConfig(backend="dogpile.cache.redis", **arguments)
+
+    assert settings_error(excinfo).startswith(f"{name}: ")

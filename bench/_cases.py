@@ -6,6 +6,8 @@ import datetime as dt
 import decimal
 import json
 import random
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +47,7 @@ class Case:
     before: Callable[[int], Any] | None = None
     samples: list[int] = field(default_factory=list)
     queries: int = 0
+    backend_calls: list[int] = field(default_factory=list)
 
 
 #: SELECTs of the benchmark table run by every engine of the stack, so far.
@@ -82,12 +85,18 @@ class Stack:
             event.listen(self.async_engines[db].sync_engine, "before_cursor_execute", _count_select)
         return self.async_engines[db]
 
-    def manager(self, backend: str, tag: str) -> CacheManager:
+    def manager(self, backend: str, tag: str, *, near: bool | None = None) -> CacheManager:
+        """A manager on ``backend`` with its own key prefix (``tag``); the near cache on for
+        ``redis+near`` unless ``near`` says otherwise."""
         name, arguments = _env.cache_backend(backend)
-        self.redis_used |= backend == "redis"
-        manager = CacheManager(
-            CacheConfig(backend=name, arguments=arguments, key_prefix=f"{self.run_prefix}{tag}:")
+        self.redis_used |= backend in {"redis", _env.NEAR}
+        config = CacheConfig(
+            backend=name,
+            arguments=arguments,
+            key_prefix=f"{self.run_prefix}{tag}:",
+            near_cache=backend == _env.NEAR if near is None else near,
         )
+        manager = CacheManager(config)
         self.managers.append(manager)
         return manager
 
@@ -101,10 +110,13 @@ class Stack:
 
 
 def warm(sessions: sessionmaker[Session]) -> None:
-    with sessions() as session:
-        repository = AccountRepository(session=session)
-        for ident in range(1, _env.ROWS + 1):
-            repository.get(ident)
+    """Fill the cache with every row, then read each once more: the timed reads are steady
+    hits (with the near cache, the second pass is what fills it from Redis)."""
+    for _ in range(2):
+        with sessions() as session:
+            repository = AccountRepository(session=session)
+            for ident in range(1, _env.ROWS + 1):
+                repository.get(ident)
 
 
 # -- (1) uncached --------------------------------------------------------------------------
@@ -219,6 +231,7 @@ def hit_cases(stack: Stack, backend: str, db: str) -> list[Case]:
                 AsyncAccountRepository(session=session)
 
         cases += [
+            _undecoded_hit_case(stack, backend, db),
             Case("layers", f"CacheManager.get {backend}", run=lambda i: manager.get(Account, i)),
             Case("layers", "fresh session + repository, no read", run=empty_session),
             Case("layers", "fresh AsyncSession + repository, no read", arun=empty_async_session),
@@ -226,21 +239,65 @@ def hit_cases(stack: Stack, backend: str, db: str) -> list[Case]:
     return cases
 
 
-def miss_case(stack: Stack, backend: str, db: str) -> Case:
-    """A miss: backend get, query, fill (the invalidation before it is not timed)."""
-    manager = stack.manager(backend, f"miss-{backend}-{db}")
+def _undecoded_hit_case(stack: Stack, backend: str, db: str) -> Case:
+    """A hit whose payload this process has not parsed and decoded before (its own manager:
+    forgetting the decoded payloads must not slow the other cases down)."""
+    manager = stack.manager(backend, f"undecoded-{backend}-{db}")
     sessions = stack.sessions(db, manager)
+    warm(sessions)
+    cache = manager._cache(Account)
+    assert cache is not None
 
     def run(ident: int) -> None:
         with sessions() as session:
             AccountRepository(session=session).get(ident)
 
     return Case(
+        "layers",
+        f"repo.get {backend} {db} sync, payload new to this process",
+        run=run,
+        before=lambda _ident: cache._entries.clear(),
+    )
+
+
+def miss_case(stack: Stack, backend: str, db: str) -> Case:
+    """A miss: backend get, query, fill (the invalidation before it is not timed)."""
+    manager = stack.manager(backend, f"miss-{backend}-{db}")
+    sessions = stack.sessions(db, manager)
+    cache = manager._cache(Account)
+    assert cache is not None
+    calls = cache.store.inner = _CallCounter(cache.store.inner)  # each call: one round trip
+
+    def run(ident: int) -> None:
+        before = calls.count
+        with sessions() as session:
+            AccountRepository(session=session).get(ident)
+        case.backend_calls.append(calls.count - before)
+
+    case = Case(
         "declcache miss",
         f"repo.get miss {backend} {db} sync",
         run=run,
         before=lambda ident: manager.invalidate(Account, ident),
     )
+    return case
+
+
+class _CallCounter:
+    """A model's store, counting the calls made to it (each is one backend round trip)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.count = 0
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return method(*args, **kwargs)
+
+        return counted
 
 
 # -- (4) the peer ------------------------------------------------------------------------------
@@ -355,6 +412,61 @@ def write_cases(stack: Stack, backend: str, db: str) -> list[Case]:
             run=lambda i: update(cached, i),
         ),
     ]
+
+
+# -- the near cache under writes ------------------------------------------------------------------
+
+
+def mixed_workload(
+    stack: Stack, db: str, reads: int = 2000, write_every: int = 20
+) -> dict[str, dict[str, Any]]:
+    """Reads of random ids, one committed update by *another* manager per ``write_every``.
+
+    Run on plain Redis and on Redis with the near cache, same ids, same writes. The writer
+    shares the reader's key prefix as a second process would; every read of a row written
+    during the run is checked against the value committed last (``stale`` counts misses).
+    """
+    results: dict[str, dict[str, Any]] = {}
+    for backend in ("redis", _env.NEAR):
+        tag = f"mixed-{backend}-{db}"
+        reader = stack.manager(backend, tag)
+        writer = stack.manager("redis", tag)
+        read_sessions, write_sessions = stack.sessions(db, reader), stack.sessions(db, writer)
+        warm(read_sessions)
+        before, near_before = reader.stats()["Account"], reader.near_cache_stats()
+        rng = random.Random(5)
+        committed: dict[int, int] = {}
+        samples, stale = [], 0
+        for index in range(reads):
+            if index % write_every == 0:
+                written = rng.randint(1, _env.ROWS)
+                with write_sessions() as session:
+                    account = session.get(Account, written)
+                    assert account is not None
+                    account.visits += 1
+                    session.commit()
+                    committed[written] = account.visits
+            ident = rng.randint(1, _env.ROWS)
+            started = time.perf_counter_ns()
+            with read_sessions() as session:
+                found = AccountRepository(session=session).get(ident)
+            samples.append(time.perf_counter_ns() - started)
+            stale += ident in committed and found.visits != committed[ident]
+        after = reader.stats()["Account"]
+        hits, misses = after.hits - before.hits, after.misses - before.misses
+        near, near_ratio = reader.near_cache_stats(), None
+        if near is not None and near_before is not None:
+            near_hits = near.hits - near_before.hits
+            near_ratio = near_hits / max(1, near_hits + near.misses - near_before.misses)
+        results[backend] = {
+            "median_us": statistics.median(samples) / 1000,
+            "hit_ratio": hits / max(1, hits + misses),
+            "near_hit_ratio": near_ratio,
+            "stale": stale,
+            "reads": reads,
+            "writes": len(range(0, reads, write_every)),
+        }
+    return results
 
 
 # -- (7) stampede ---------------------------------------------------------------------------------

@@ -37,7 +37,6 @@ def steps(stack: Stack, db: str) -> list[tuple[str, Callable[[int], Any] | None]
     import json
 
     from declcache import _manager, _wire
-    from declcache._singleflight import ThreadFlights
 
     manager = stack.manager("memory", f"steps-{db}")
     sessions = stack.sessions(db, manager)
@@ -49,9 +48,10 @@ def steps(stack: Stack, db: str) -> list[tuple[str, Callable[[int], Any] | None]
     generation = _manager._parse_token(raws[1][0])
     assert generation is not None
     payloads = {i: _wire.unwrap(raws[i][1])[1] for i in keys}
-    bodies = {i: cache.parse(raws[i][1], generation)[1] for i in keys}  # type: ignore[index]
-    instances = {i: cache.decode_entity(bodies[i]) for i in keys}
-    flights = ThreadFlights()
+    entries = {i: cache.parse(raws[i][1], generation) for i in keys}
+    bodies = {i: entry.body for i, entry in entries.items() if entry is not None}
+    rows = {i: cache.codec.decode_row(bodies[i]) for i in keys}
+    instances = {i: cache.codec.build(rows[i]) for i in keys}
     session = sessions()
     repository = _cases.AccountRepository(session=session)
 
@@ -64,39 +64,24 @@ def steps(stack: Stack, db: str) -> list[tuple[str, Callable[[int], Any] | None]
         ("AccountRepository(session=...)", lambda _i: _cases.AccountRepository(session=session)),
         ("repo._cache_for (is_cached + _is_writing)", lambda _i: repository._cache_for(True)),
         ("repo._held (identity-map probe)", repository._held),
-        (
-            "repo._entity_read (plan: flight key + 4 closures)",
-            lambda i: repository._entity_read(manager, i),
-        ),
-        (
-            "ThreadFlights.run (lock, Event, Outcome)",
-            lambda i: flights.run(i, session, lambda: None),
-        ),
         ("cache.ident_key (normalise + quote)", cache.ident_key),
         (
             "store.get_many([generation, key])",
             lambda i: cache.store.get_many([cache.generation_key, keys[i]]),
         ),
-        ("_parse_token (json metadata of the token)", lambda i: _manager._parse_token(raws[i][0])),
+        ("cache.token (remembered generation token)", lambda i: cache.token(raws[i][0])),
+        ("  _parse_token (what a new token costs)", lambda i: _manager._parse_token(raws[i][0])),
         (
-            "cache.parse (json metadata + json payload)",
+            "cache.parse (remembered payload + checks)",
             lambda i: cache.parse(raws[i][1], generation),
         ),
-        ("  of which _wire.unwrap (metadata only)", lambda i: _wire.unwrap(raws[i][1])),
-        ("  of which json.loads(payload) alone", lambda i: json.loads(payloads[i])),
-        (
-            "codec.decode (typed columns + detached instance)",
-            lambda i: cache.decode_entity(bodies[i]),
-        ),
-        (
-            "cache.entity_keys (key re-check of the result)",
-            lambda i: cache.entity_keys(instances[i]),
-        ),
-        (
-            "counters.add x2 (locked)",
-            lambda _i: (cache.counters.add("hits", 0), cache.counters.add("misses", 0)),
-        ),
-        ("manager.get (all of the manager)", lambda i: manager.get(_env.Account, i)),
+        ("  _wire.unwrap (what a new payload costs…)", lambda i: _wire.unwrap(raws[i][1])),
+        ("  json.loads(payload) (…and this)", lambda i: json.loads(payloads[i])),
+        ("  codec.decode_row (…and this)", lambda i: cache.codec.decode_row(bodies[i])),
+        ("codec.build (detached instance of a decoded row)", lambda i: cache.codec.build(rows[i])),
+        ("cache.owns (key re-check of the result)", lambda i: cache.owns(instances[i], keys[i])),
+        ("counters.add (locked)", lambda _i: cache.counters.add("hits", 0)),
+        ("manager.probe (all of the manager)", lambda i: manager.probe(_env.Account, [i])),
         (
             "repo.get in a fresh session (the whole hit)",
             _cases.hit_cases(stack, "memory", db)[0].run,

@@ -145,21 +145,21 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         self, manager: CacheManager, idents: builtins.list[Any]
     ) -> builtins.list[Any]:
         probe = await manager.aprobe(self.model_type, idents)
-        if all(result is not Lookup.MISS for result in probe.results):  # no thread, no query
-            return [_found(result) for result in probe.results]
-        loop = asyncio.get_running_loop()
+        found: Sequence[Any] = probe.results
+        if any(result is Lookup.MISS for result in found):  # else no thread, no query
+            loop = asyncio.get_running_loop()
 
-        def loader(missing: builtins.list[Any]) -> builtins.list[Any]:
-            statement = self._many_statement(missing, reload=True)
-            loaded: builtins.list[Any] = self._on_loop(
-                loop, lambda: self._locked(self._all(statement))
+            def loader(missing: builtins.list[Any]) -> builtins.list[Any]:
+                statement = self._many_statement(missing, reload=True)
+                loaded: builtins.list[Any] = self._on_loop(
+                    loop, lambda: self._locked(self._all(statement))
+                )
+                return loaded
+
+            found = await asyncio.to_thread(
+                functools.partial(manager.load_many, probe=probe), self.model_type, idents, loader
             )
-            return loaded
-
-        items: builtins.list[Any] = await asyncio.to_thread(
-            functools.partial(manager.load_many, probe=probe), self.model_type, idents, loader
-        )
-        return items
+        return [self._settled(ident, item) for ident, item in zip(idents, found, strict=True)]
 
     async def get_one(
         self,
@@ -207,14 +207,24 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         landed = _FLIGHTS.landed
         probe = await manager.aprobe(self.model_type, [ident])
         found = probe.results[0]
-        if found is not Lookup.MISS:  # a hit: no plan, no singleflight, no statement
-            return _found(found)
+        if found is Lookup.MISS:
 
-        async def query() -> Any:
-            result = await self.session.execute(self._entity_statement(ident))
-            return result.scalars().one_or_none()
+            async def query() -> Any:
+                result = await self.session.execute(self._entity_statement(ident))
+                return result.scalars().one_or_none()
 
-        return await self._run(self._entity_read(manager, ident), query, probe, landed)
+            found = await self._run(self._entity_read(manager, ident), query, probe, landed)
+        return self._settled(ident, found)
+
+    def _settled(self, ident: Any, found: Any) -> Any:
+        """What a read of ``ident`` returns: the session's own instance when it holds one.
+
+        While a read awaited the backend, another coroutine on this session (a ``gather``)
+        may have loaded the row; like ``session.get``, that instance wins over a second,
+        detached copy from the cache.
+        """
+        held = self._held(ident)
+        return _found(found) if held is None else held
 
     # -- queries -----------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from sqlalchemy import event
 
 from declcache._singleflight import AsyncFlights, ThreadFlights
 from declcache.config import SQLAlchemyAsyncConfig, SQLAlchemySyncConfig
+from declcache.repository import _async as async_repository
 from tests.integration._repo_models import (
     AsyncAuthorRepo,
     Author,
@@ -211,6 +212,49 @@ async def test_gather_on_one_async_session_makes_one_select(
         many = await asyncio.gather(*[repo.get(i) for i in (1, 2, 4, 5)])
         assert [a.id for a in many] == [1, 2, 4, 5]
         assert selects(sent, AUTHORS) == 4
+
+
+@pytest.mark.parametrize("late", ["look-up", "answer"])
+async def test_a_late_look_up_returns_the_instance_its_session_holds(
+    async_db: SQLAlchemyAsyncConfig, monkeypatch: pytest.MonkeyPatch, late: str
+) -> None:
+    # Of reads gathered on one session, all but the first are held back until the first
+    # one's load has landed (filled the cache, put the row in the session): either before
+    # they look the cache up (they hit) or before the look-up's MISS reaches them (they lead
+    # a new flight that finds the fill). Each must hand back the session's instance, not a
+    # detached copy from the cache.
+    manager = async_db.cache_manager
+    assert manager is not None
+    real_probe = manager.aprobe
+    before = async_repository._FLIGHTS.landed
+
+    async def landed() -> None:
+        while async_repository._FLIGHTS.landed == before:
+            await asyncio.sleep(0.001)
+
+    first = True
+
+    async def held_back(model: type, idents: Any) -> Any:
+        nonlocal first
+        if first:
+            first = False
+            return await real_probe(model, idents)
+        if late == "look-up":
+            await landed()
+            return await real_probe(model, idents)
+        probe = await real_probe(model, idents)
+        await landed()
+        return probe
+
+    monkeypatch.setattr(manager, "aprobe", held_back)
+    async with async_db.get_session() as session:
+        repo = AsyncAuthorRepo(session=session)
+        singles = asyncio.gather(*[repo.get(3) for _ in range(3)])
+        batches = asyncio.gather(*[repo.get_many([3]) for _ in range(2)])
+        found = [*await singles, *[items[0] for items in await batches]]
+        held = await session.get(Author, 3)
+        assert held is not None
+        assert all(item is held for item in found)
 
 
 async def test_gather_over_ten_async_sessions_makes_one_select(

@@ -60,6 +60,17 @@ class AsyncReader:
             client = self._clients[loop] = redis.asyncio.Redis(connection_pool=pool)
         return client
 
+    async def aclose(self) -> None:
+        """Close the running loop's client; forget the other loops' (they close with them)."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        self._clients.clear()
+        if client is not None:  # the pool was handed to the client, which leaves it open
+            await client.connection_pool.disconnect()
+
+    def forget(self) -> None:
+        """Drop every loop's client without awaiting it: for a close outside any loop."""
+        self._clients.clear()
+
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """Raw values in the order of ``keys`` (``None`` where absent), in one ``MGET``.
 

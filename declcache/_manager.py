@@ -163,7 +163,7 @@ class _ModelCache:
         self.model: type = spec.model
         self.name = spec.model.__name__
         self.region = region
-        store: Store = store_for(region.backend)
+        self._backend_store = store = store_for(region.backend)
         self.near: NearStore | None = None
         if near is not None:
             store = self.near = near.wrap(store, region.backend)
@@ -182,6 +182,25 @@ class _ModelCache:
         self.reader: AsyncReader | None = None
         self._entries: dict[bytes, _Entry] = {}
         self._entry_bytes = 0
+
+    def close(self) -> None:
+        """Close this model's backend connections (they reopen on next use); never raises."""
+        if self.reader is not None:
+            self.reader.forget()
+        reset = getattr(self._backend_store, "reset_connections", None)
+        try:
+            if reset is not None:
+                reset()
+        except Exception as error:  # the connections are being given up either way
+            logger.debug("closing %s's backend connections: %r", self.name, error)
+
+    async def aclose(self) -> None:
+        """:meth:`close`'s part for the running event loop: its async Redis client."""
+        try:
+            if self.reader is not None:
+                await self.reader.aclose()
+        except Exception as error:
+            logger.debug("closing %s's async Redis client: %r", self.name, error)
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -1131,13 +1150,44 @@ class CacheManager:
         self.apply({model: change})
         return cache.counters.snapshot().invalidations_queued == before
 
+    # -- closing -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close this manager's connections to the backend; it reconnects on its next use.
+
+        Call it when a process is done with the cache, as Django's ``cache.close()``
+        (``SQLAlchemySyncConfig.dispose`` does). Invalidations queued during an outage get a
+        last attempt first, so a process that exits does not take them along. Nothing
+        cached is dropped. An async app awaits :meth:`aclose` instead.
+        """
+        if self._queue:
+            self._queue.replay(now=True)
+            if self._queue:
+                logger.warning(
+                    "closing with %d invalidations the backend has not taken: other processes"
+                    " may read those rows from the cache until their ttl ends",
+                    self._queue.size,
+                )
+        for cache in self._built_caches():
+            cache.close()
+        if self._near is not None:
+            self._near.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, and close the running event loop's async Redis connections."""
+        for cache in self._built_caches():
+            await cache.aclose()
+        await asyncio.to_thread(self.close)
+
     # -- introspection -----------------------------------------------------------------------
 
     def stats(self) -> dict[str, ModelStats]:
         """Counters per cached model name, since this manager started."""
+        return {cache.name: cache.counters.snapshot() for cache in self._built_caches()}
+
+    def _built_caches(self) -> list[_ModelCache]:
         with self._lock:
-            caches = [cache for cache in self._caches.values() if cache is not None]
-        return {cache.name: cache.counters.snapshot() for cache in caches}
+            return [cache for cache in self._caches.values() if cache is not None]
 
     def breaker_stats(self) -> BreakerStats:
         """The circuit breaker in front of the backend: state, times opened, calls refused."""

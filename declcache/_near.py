@@ -358,6 +358,15 @@ class NearCache:
         logger.info("near cache on: Redis tracks keys under %r", self._prefix)
         return True
 
+    def close(self) -> None:
+        """Close the tracking connection and empty L1; the next look-up reconnects."""
+        with self._lock:
+            connection, self._connection = self._connection, None
+            self._flush()
+            self._next_attempt = float("-inf")
+        if connection is not None:
+            _disconnect(connection)
+
     def _drop(self, error: BaseException) -> None:
         connection, self._connection = self._connection, None
         self._flush()
@@ -368,10 +377,14 @@ class NearCache:
             type(error).__name__,
             error,
         )
-        try:
-            connection.disconnect()
-        except Exception as close_error:  # the socket is gone either way
-            logger.debug("closing the tracking connection: %r", close_error)
+        _disconnect(connection)
+
+
+def _disconnect(connection: Any) -> None:
+    try:
+        connection.disconnect()
+    except Exception as error:  # the socket is gone either way
+        logger.debug("closing the tracking connection: %r", error)
 
 
 def _poller(connection: Any) -> Any:

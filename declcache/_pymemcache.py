@@ -8,6 +8,7 @@ declcache configures this backend whenever ``dogpile.cache.pymemcache`` (or its 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import pymemcache.client.base
@@ -34,7 +35,13 @@ class PyMemcacheBackend(_DogpilePyMemcacheBackend):
         arguments = dict(arguments)
         self.connect_timeout = arguments.pop("connect_timeout", DEFAULT_MEMCACHED_TIMEOUT)
         self.timeout = arguments.pop("timeout", DEFAULT_MEMCACHED_TIMEOUT)
+        self._made: weakref.WeakSet[Any] = weakref.WeakSet()  # every thread's client
         super().__init__(arguments)  # type: ignore[no-untyped-call]
+
+    def close_clients(self) -> None:
+        """Close every thread's client; each reconnects on its next call (pymemcache does)."""
+        for client in list(self._made):
+            client.close()
 
     def _create_client(self) -> Any:
         common = {
@@ -44,12 +51,16 @@ class PyMemcacheBackend(_DogpilePyMemcacheBackend):
             "connect_timeout": self.connect_timeout,
             "timeout": self.timeout,
         }
+        client: Any
         if len(self.url) == 1:
-            return pymemcache.client.base.Client(self.url[0], **common)
-        return pymemcache.client.hash.HashClient(
-            self.url,
-            retry_attempts=self.hashclient_retry_attempts,
-            retry_timeout=self.hashclient_retry_timeout,
-            dead_timeout=self.dead_timeout,
-            **common,
-        )
+            client = pymemcache.client.base.Client(self.url[0], **common)
+        else:
+            client = pymemcache.client.hash.HashClient(
+                self.url,
+                retry_attempts=self.hashclient_retry_attempts,
+                retry_timeout=self.hashclient_retry_timeout,
+                dead_timeout=self.dead_timeout,
+                **common,
+            )
+        self._made.add(client)
+        return client

@@ -90,16 +90,20 @@ class ReplayQueue:
             time.sleep(REPLAY_INTERVAL)
             self.replay()
 
-    def replay(self) -> None:
-        """Write what is queued if the backend answers; at most once per interval."""
+    def replay(self, *, now: bool = False) -> None:
+        """Write what is queued if the backend answers; at most once per interval.
+
+        ``now`` skips the wait for the interval (a last attempt before closing); a replay
+        already running in another thread still wins.
+        """
         if not self._replay_lock.acquire(blocking=False):
             return  # another thread is replaying
         try:
-            now = time.monotonic()
+            started = time.monotonic()
             with self._lock:
-                if now < self._next_attempt:
+                if started < self._next_attempt and not now:
                     return
-                self._next_attempt = now + REPLAY_INTERVAL
+                self._next_attempt = started + REPLAY_INTERVAL
                 pending = list(self._entries)
                 overflowed = set(self._overflowed)
             try:

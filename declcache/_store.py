@@ -186,6 +186,12 @@ class MemcachedStore:
     def __init__(self, backend: Any) -> None:
         self._backend = backend  # its ``client`` is thread-local: fetch it per call
 
+    def reset_connections(self) -> None:
+        """Close every thread's client; each reconnects on its next call."""
+        close = getattr(self._backend, "close_clients", None)  # declcache's backend has it
+        if close is not None:
+            close()
+
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """One multi-get."""
         found = self._backend.client.get_many(keys)

@@ -123,8 +123,10 @@ class SQLAlchemySyncConfig(_ConfigBase):
         metadata.drop_all(self.engine)
 
     def dispose(self) -> None:
-        """Close the engine's pooled connections."""
+        """Close the engine's pooled connections and the cache manager's (see ``close``)."""
         self.engine.dispose()
+        if self.cache_manager is not None:
+            self.cache_manager.close()
 
 
 @dataclass
@@ -168,5 +170,7 @@ class SQLAlchemyAsyncConfig(_ConfigBase):
             await connection.run_sync(metadata.drop_all)
 
     async def dispose(self) -> None:
-        """Close the engine's pooled connections."""
+        """Close the engine's pooled connections and the cache manager's (see ``aclose``)."""
         await self.engine.dispose()
+        if self.cache_manager is not None:
+            await self.cache_manager.aclose()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -13,9 +12,7 @@ if TYPE_CHECKING:
 
     from declcache.config import SQLAlchemyAsyncConfig
 
-__all__ = ["NOT_FOUND_STATUS", "close_config", "request_session"]
-
-logger = logging.getLogger("declcache.integrations")
+__all__ = ["NOT_FOUND_STATUS", "request_session"]
 
 #: The HTTP status a :class:`~declcache.exceptions.NotFoundError` becomes.
 NOT_FOUND_STATUS = 404
@@ -32,14 +29,3 @@ async def request_session(config: SQLAlchemyAsyncConfig) -> AsyncIterator[AsyncS
             raise
         if session.in_transaction():
             await session.commit()
-
-
-async def close_config(config: SQLAlchemyAsyncConfig) -> None:
-    """Close the engine's connections and, when it can, the cache backend's."""
-    await config.dispose()
-    close = getattr(config.cache_manager, "close", None)
-    if callable(close):
-        try:
-            close()
-        except Exception:  # a closing backend must not fail the shutdown
-            logger.warning("closing the cache manager failed", exc_info=True)

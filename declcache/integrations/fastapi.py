@@ -18,7 +18,8 @@
 
 The session is committed when the endpoint returns and rolled back when it raises, before the
 response is sent (``Depends(..., scope="function")``), so the commit's invalidations are done
-when the client reads the response. The lifespan disposes the engine on shutdown.
+when the client reads the response. The lifespan disposes the engine and closes the cache
+manager's connections on shutdown.
 
 Needs ``pip install 'declcache[fastapi]'``.
 """
@@ -32,7 +33,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from declcache.exceptions import NotFoundError
-from declcache.integrations._session import NOT_FOUND_STATUS, close_config, request_session
+from declcache.integrations._session import NOT_FOUND_STATUS, request_session
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -77,11 +78,11 @@ class DeclCache:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
-        """``FastAPI(lifespan=cache.lifespan)``: dispose the engine on shutdown."""
+        """``FastAPI(lifespan=cache.lifespan)``: dispose the engine and the cache on shutdown."""
         try:
             yield
         finally:
-            await close_config(self.config)
+            await self.config.dispose()
 
     def install(self, app: FastAPI) -> None:
         """Answer :class:`~declcache.exceptions.NotFoundError` with a 404 in ``app``."""

@@ -16,7 +16,8 @@ Handlers ask for ``db_session`` (an :class:`~sqlalchemy.ext.asyncio.AsyncSession
 ``info`` carries the manager) and ``cache_manager``. The session is committed when the handler
 returns and rolled back when it raises, before the response is sent, so the commit's
 invalidations are done when the client reads the response. A
-:class:`~declcache.exceptions.NotFoundError` becomes a 404. On shutdown the engine is disposed.
+:class:`~declcache.exceptions.NotFoundError` becomes a 404. On shutdown the engine is disposed
+and the cache manager's connections are closed.
 
 Needs ``pip install 'declcache[litestar]'``.
 """
@@ -33,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from declcache._manager import CacheManager
 from declcache.config import SQLAlchemyAsyncConfig
 from declcache.exceptions import NotFoundError
-from declcache.integrations._session import NOT_FOUND_STATUS, close_config, request_session
+from declcache.integrations._session import NOT_FOUND_STATUS, request_session
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -85,8 +86,8 @@ class DeclCachePlugin(InitPluginProtocol):
         return self.config.cache_manager
 
     async def on_shutdown(self) -> None:
-        """Dispose the engine (and close the cache manager, where it supports closing)."""
-        await close_config(self.config)
+        """Dispose the engine and close the cache manager's connections."""
+        await self.config.dispose()
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         """Register the dependencies, the shutdown hook and the 404 handler."""

@@ -48,6 +48,8 @@ from _pytest.outcomes import OutcomeException
 from sqlalchemy import event
 
 from declcache import CacheConfig
+from tests import _servers
+from tests.integration._invalidation_models import sqlite_engine
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -113,6 +115,29 @@ def _dbm_deadlock_watchdog(limit: float = 1.0) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Iterator[Engine]:
+    """A SQLite file with the invalidation tests' tables and rows (modules may override it)."""
+    with sqlite_engine(tmp_path / "db.sqlite") as engine:
+        yield engine
+
+
+@pytest.fixture
+def private_redis() -> Iterator[_servers.RedisProcess]:
+    """A Redis server of this test alone, which it may stop, restart or pause."""
+    server = _servers.start_redis_server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_memcached() -> Iterator[_servers.MemcachedProcess]:
+    """A Memcached server of this test alone."""
+    server = _servers.start_memcached_server()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -30,38 +30,19 @@ from sqlalchemy.orm import Session
 from declcache import CacheConfig, CacheManager
 from declcache import _manager as manager_module
 from declcache import _replay as replay_module
-from tests import _servers
-from tests.integration._invalidation_models import Item, Reader, sqlite_engine, writing
+from tests.integration._invalidation_models import Item, Reader, writing
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
 
     from sqlalchemy.engine import Engine
+
+    from tests import _servers
 
 OLD = {"id": 1, "name": "item-1"}
 NEW = {"id": 1, "name": "new"}
 #: Long enough for a commit (two 0.5 s timeouts) and a read to happen inside the pause.
 PAUSE_SECONDS = 2.0
-
-
-@pytest.fixture
-def engine(tmp_path: Any) -> Iterator[Engine]:
-    with sqlite_engine(tmp_path / "db.sqlite") as engine:
-        yield engine
-
-
-@pytest.fixture
-def private_redis() -> Iterator[_servers.RedisProcess]:
-    server = _servers.start_redis_server()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def private_memcached() -> Iterator[_servers.MemcachedProcess]:
-    server = _servers.start_memcached_server()
-    yield server
-    server.stop()
 
 
 def redis_config(server: _servers.ServerProcess, key_prefix: str) -> CacheConfig:

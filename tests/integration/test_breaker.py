@@ -19,7 +19,6 @@ from sqlalchemy import create_engine
 from declcache import CacheConfig, CacheManager, setup_cache_listeners
 from declcache._breaker import BackendUnavailable, Breaker, GuardedStore
 from declcache._store import MemoryStore
-from tests import _servers
 from tests.integration._invalidation_models import (
     Base,
     Item,
@@ -33,6 +32,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping, Sequence
 
     from sqlalchemy.engine import Engine
+
+    from tests import _servers
 
 
 # --- the state machine ------------------------------------------------------------------------
@@ -168,13 +169,6 @@ def engine(tmp_path: Any) -> Iterator[Engine]:
     reset_rows(engine)
     yield engine
     engine.dispose()
-
-
-@pytest.fixture
-def private_redis() -> Iterator[_servers.RedisProcess]:
-    server = _servers.start_redis_server()
-    yield server
-    server.stop()
 
 
 READERS = 4

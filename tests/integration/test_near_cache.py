@@ -28,7 +28,7 @@ from declcache._near import NearCache, NearStore
 from declcache.config import SQLAlchemyAsyncConfig
 from declcache.repository import SQLAlchemyAsyncRepository
 from tests import _servers
-from tests.integration._invalidation_models import Item, Reader, sqlite_engine, writing
+from tests.integration._invalidation_models import Item, Reader, writing
 from tests.integration.conftest import _delete_redis_keys
 
 if TYPE_CHECKING:
@@ -78,12 +78,6 @@ def near_of(manager: CacheManager) -> NearCache:
 def reconnect_now(manager: CacheManager) -> None:
     """Skip the one-second wait before the next reconnection attempt."""
     near_of(manager)._next_attempt = float("-inf")
-
-
-@pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    with sqlite_engine(tmp_path / "db.sqlite") as engine:
-        yield engine
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from declcache import _replay as replay_module
 from declcache.config import SQLAlchemyAsyncConfig, SQLAlchemySyncConfig
 from declcache.repository import SQLAlchemyAsyncRepository, SQLAlchemySyncRepository
 from tests.integration._invalidation_models import Base, Item, Reader, reset_rows, writing
+from tests.integration.conftest import _delete_redis_keys
 from tests.integration.test_backend_faults import commit_rename, pause_redis, sleep_until, warm
 
 if TYPE_CHECKING:
@@ -67,9 +68,8 @@ def redis_config_for(
         return config, live
 
     yield make
-    for key in admin.scan_iter(match=f"{key_prefix}*", count=1000):
-        admin.delete(key)
     admin.close()
+    _delete_redis_keys(host, port, key_prefix)
 
 
 @pytest.fixture

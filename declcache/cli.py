@@ -271,6 +271,18 @@ def _row(spec: ModelSpec | None, manager: CacheManager, model: type) -> dict[str
     }
 
 
+def _check_override_names(config: CacheConfig, mappers: list[Mapper[Any]], module: str) -> None:
+    """Fail on a per-model override that names neither a class nor a table of ``mappers``."""
+    known = {mapper.class_.__name__ for mapper in mappers}
+    known |= {name for mapper in mappers if (name := getattr(mapper.local_table, "name", None))}
+    for name in config.models:
+        if name not in known:
+            raise _fail(
+                f"{config.setting_name('models')}[{name}] names no model of {module}"
+                f" (class or table names: {', '.join(sorted(known))})"
+            )
+
+
 def _keys_text(key_fields: Iterable[Iterable[str]]) -> str:
     return " | ".join(",".join(fields) for fields in key_fields)
 
@@ -288,10 +300,12 @@ def inspect_models(
     """Print every mapped model's resolved cache settings and where each value came from.
 
     Imports APP_MODULE, configures the mappers (which validates every CacheMeta) and resolves
-    each model against the DECLCACHE_* settings. An invalid CacheMeta or override exits 2.
+    each model against the DECLCACHE_* settings. An invalid CacheMeta or override exits 2,
+    and so does an override naming no model of the module (a typo would be silently ignored).
     """
     config = _config()
     mappers = _load_models(app_module)
+    _check_override_names(config, mappers, app_module)
     manager = CacheManager(config)
     rows = [_row(_spec(manager, mapper.class_), manager, mapper.class_) for mapper in mappers]
     if as_json:

@@ -169,6 +169,15 @@ def test_inspect_table(tmp_path: Path) -> None:
     assert "DECLCACHE_MODELS[products]" in result.stdout  # printed as text, not as markup
 
 
+def test_inspect_an_override_naming_no_model_exits_2(tmp_path: Path) -> None:
+    env = {"DECLCACHE_MODELS": '{"products": {"ttl": 45}, "prodcts": {"ttl": 5}}'}
+    result = run_cli("inspect", MODELS, cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert "DECLCACHE_MODELS[prodcts] names no model of" in result.stderr
+    assert "products" in result.stderr  # the names it could have meant
+    assert "[products]" not in result.stderr
+
+
 def test_check_unknown_backend_exits_2(tmp_path: Path) -> None:
     result = run_cli("check", cwd=tmp_path, env={"DECLCACHE_BACKEND": "dogpile.cache.nope"})
     assert result.returncode == 2

@@ -162,7 +162,7 @@ def cache_config(
             arguments={"host": host, "port": port},
             key_prefix=key_prefix,
         )
-        _delete_redis_keys(host, port, key_prefix)
+        delete_redis_keys(host, port, key_prefix)
     elif cache_backend == "memcached":
         host, port = request.getfixturevalue("memcached_address")
         yield CacheConfig(
@@ -181,15 +181,17 @@ def cache_config(
         raise AssertionError(f"unknown backend {cache_backend!r}")
 
 
-def _delete_redis_keys(host: str, port: int, key_prefix: str) -> None:
+def delete_redis_keys(host: str, port: int, key_prefix: str, *, db: int = 0) -> None:
+    """Delete a test's keys and dogpile's lock keys for them: SCAN, never KEYS, never FLUSH."""
     import redis
 
-    client = redis.Redis(host=host, port=port, socket_timeout=5)
+    escaped = re.sub(r"([*?\[\]\\])", r"\\\1", key_prefix)
+    client = redis.Redis(host=host, port=port, db=db, socket_timeout=5)
     try:
-        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", key_prefix) + "*"
-        keys = list(client.scan_iter(match=pattern, count=500))
-        if keys:
-            client.delete(*keys)
+        for pattern in (f"{escaped}*", f"_lock{escaped}*"):
+            keys = list(client.scan_iter(match=pattern, count=500))
+            if keys:
+                client.delete(*keys)
     finally:
         client.close()
 

@@ -45,6 +45,7 @@ from sqlalchemy.orm import (
 
 from declcache import CacheConfig, CacheManager, Lookup, SettingsError, setup_cache_listeners
 from tests import _servers
+from tests.integration.conftest import delete_redis_keys
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -296,20 +297,6 @@ class DbmRaw(Raw):
     def plant(self, key: str, value: bytes) -> None:
         with dbm.open(self._filename, "c") as db:
             db[key] = value
-
-
-def delete_redis_keys(host: str, port: int, key_prefix: str) -> None:
-    """Delete this test's keys: SCAN with the prefix, never KEYS, never FLUSH."""
-    import redis
-
-    client = redis.Redis(host=host, port=port, socket_timeout=5)
-    try:
-        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", key_prefix) + "*"
-        keys = list(client.scan_iter(match=pattern, count=500))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
 
 
 #: The two ttls of :func:`write_mixed_ttls`: a tombstone's and a token's, as in one commit.

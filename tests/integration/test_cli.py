@@ -23,6 +23,7 @@ from sqlalchemy.pool import StaticPool
 from declcache import CacheConfig, CacheManager, Lookup
 from example_project.models import Base, Customer
 from tests import _servers
+from tests.integration.conftest import delete_redis_keys
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -50,9 +51,10 @@ def run_cli(
 
 
 @pytest.fixture
-def redis_env(redis_address: tuple[str, int], key_prefix: str) -> dict[str, str]:
+def redis_env(redis_address: tuple[str, int], key_prefix: str) -> Iterator[dict[str, str]]:
     host, port = redis_address
-    return {"DECLCACHE_URL": f"redis://{host}:{port}/0", "DECLCACHE_KEY_PREFIX": key_prefix}
+    yield {"DECLCACHE_URL": f"redis://{host}:{port}/0", "DECLCACHE_KEY_PREFIX": key_prefix}
+    delete_redis_keys(host, port, key_prefix)
 
 
 @pytest.fixture

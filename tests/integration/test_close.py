@@ -22,7 +22,7 @@ from declcache import _replay as replay_module
 from declcache.config import SQLAlchemyAsyncConfig, SQLAlchemySyncConfig
 from declcache.repository import SQLAlchemyAsyncRepository, SQLAlchemySyncRepository
 from tests.integration._invalidation_models import Base, Item, Reader, reset_rows, writing
-from tests.integration.conftest import _delete_redis_keys
+from tests.integration.conftest import delete_redis_keys
 from tests.integration.test_backend_faults import commit_rename, pause_redis, sleep_until, warm
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def redis_config_for(
 
     yield make
     admin.close()
-    _delete_redis_keys(host, port, key_prefix)
+    delete_redis_keys(host, port, key_prefix)
 
 
 @pytest.fixture

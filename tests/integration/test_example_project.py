@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from example_project import factories
 from example_project.models import AuditEntry, Base, Customer, Product
 from tests import _servers
+from tests.integration.conftest import delete_redis_keys
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -102,6 +103,7 @@ def test_demo_on_redis_and_postgres_by_environment_only(
         engine = create_engine(postgres_url)
         Base.metadata.drop_all(engine)
         engine.dispose()
+        delete_redis_keys(host, port, key_prefix)
 
 
 def test_demo_help_and_serve_help(tmp_path: Path) -> None:
@@ -218,6 +220,7 @@ def test_api_on_redis_and_postgres_by_environment_only(
         engine = create_engine(postgres_url)
         Base.metadata.drop_all(engine)
         engine.dispose()
+        delete_redis_keys(host, port, key_prefix)
 
 
 def _wait_for(url: str, process: subprocess.Popen[str], timeout: float = 30) -> None:

@@ -36,6 +36,7 @@ from tests.integration._invalidation_models import (
     row,
     writing,
 )
+from tests.integration.conftest import delete_redis_keys
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -557,15 +558,7 @@ engine.dispose()
 def redis_prefix(redis_address: tuple[str, int], key_prefix: str) -> Iterator[str]:
     """``key_prefix`` on the shared Redis, its keys deleted afterwards (tokens live a day)."""
     yield key_prefix
-    import redis
-
-    client = redis.Redis(*redis_address, socket_timeout=5)
-    try:
-        keys = list(client.scan_iter(match=f"{key_prefix}*", count=500))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    delete_redis_keys(*redis_address, key_prefix)
 
 
 def test_list_version_bumped_by_another_process(

@@ -29,7 +29,7 @@ from declcache.config import SQLAlchemyAsyncConfig
 from declcache.repository import SQLAlchemyAsyncRepository
 from tests import _servers
 from tests.integration._invalidation_models import Item, Reader, writing
-from tests.integration.conftest import _delete_redis_keys
+from tests.integration.conftest import delete_redis_keys
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -88,7 +88,7 @@ def redis_config(redis_address: tuple[str, int], key_prefix: str) -> Iterator[Ca
         arguments={"host": host, "port": port},
         key_prefix=key_prefix,
     )
-    _delete_redis_keys(host, port, key_prefix)
+    delete_redis_keys(host, port, key_prefix)
 
 
 @pytest.fixture
@@ -460,14 +460,7 @@ def test_the_tracking_connection_uses_the_configured_database(
         assert "t" in info["flags"]  # tracking on
         assert "B" in info["flags"]  # broadcast mode
     finally:
-        _delete_redis_keys_in_db(host, port, 3, key_prefix)
-
-
-def _delete_redis_keys_in_db(host: str, port: int, db: int, key_prefix: str) -> None:
-    with redis.Redis(host, port, db=db, socket_timeout=5) as client:
-        keys = list(client.scan_iter(match=key_prefix + "*", count=500))
-        if keys:
-            client.delete(*keys)
+        delete_redis_keys(host, port, key_prefix, db=3)
 
 
 def test_a_write_of_this_process_evicts_without_waiting_for_its_push(

@@ -34,6 +34,7 @@ from tests.integration._repo_models import (
     selects,
     values,
 )
+from tests.integration.conftest import delete_redis_keys
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
@@ -316,19 +317,6 @@ def test_ten_threads_sharing_a_manager_make_one_select(
 # -- processes: the backend's distributed lock ------------------------------------------------
 
 
-def _delete_keys(address: tuple[str, int], key_prefix: str) -> None:
-    import redis
-
-    client = redis.Redis(host=address[0], port=address[1], socket_timeout=5)
-    try:
-        for pattern in (f"{key_prefix}*", f"_lock{key_prefix}*"):
-            keys = list(client.scan_iter(match=pattern, count=500))
-            if keys:
-                client.delete(*keys)
-    finally:
-        client.close()
-
-
 def _run_two_workers(
     tmp_path: Path,
     redis_address: tuple[str, int],
@@ -404,7 +392,7 @@ def test_two_processes_fill_once_with_the_distributed_lock(
     try:
         reports = _run_two_workers(tmp_path, redis_address, key_prefix, distributed_lock, mode)
     finally:
-        _delete_keys(redis_address, key_prefix)
+        delete_redis_keys(*redis_address, key_prefix)
     assert reports[0]["name"] == reports[1]["name"]
     total = sum(report["selects"] for report in reports)
     assert total == (1 if distributed_lock else 2)

@@ -207,18 +207,8 @@ class RawCache(Protocol):
 
 
 class _DictRaw:
-    def __init__(self, store: dict[str, Any]) -> None:
-        self._store = store
+    """A backend's dict, or a client with the same ``get``; ``set`` per backend below."""
 
-    def get(self, key: str) -> bytes | None:
-        value = self._store.get(key)
-        return None if value is None else bytes(value)
-
-    def set(self, key: str, value: bytes) -> None:
-        self._store[key] = value
-
-
-class _RedisRaw:
     def __init__(self, client: Any) -> None:
         self._client = client
 
@@ -226,18 +216,16 @@ class _RedisRaw:
         value = self._client.get(key)
         return None if value is None else bytes(value)
 
+    def set(self, key: str, value: bytes) -> None:
+        self._client[key] = value
+
+
+class _RedisRaw(_DictRaw):
     def set(self, key: str, value: bytes) -> None:
         self._client.set(key, value, ex=300)
 
 
-class _MemcachedRaw:
-    def __init__(self, client: Any) -> None:
-        self._client = client
-
-    def get(self, key: str) -> bytes | None:
-        value = self._client.get(key)
-        return None if value is None else bytes(value)
-
+class _MemcachedRaw(_DictRaw):
     def set(self, key: str, value: bytes) -> None:
         assert self._client.set(key, value, expire=300, noreply=False)
 

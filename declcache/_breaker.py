@@ -175,7 +175,7 @@ class GuardedStore:
         if admitted is None:
             raise BackendUnavailable("circuit breaker open: cache backend not called")
         if admitted == "probe":
-            self._reset_connections()
+            self.reset_connections()
         started = self.breaker.now()
         try:
             result = getattr(self.inner, method)(*args)
@@ -185,18 +185,19 @@ class GuardedStore:
         self.breaker.succeeded(started)
         return result
 
-    def _reset_connections(self) -> None:
-        """Before a probe: drop pooled connections, which may lead to a server since restarted.
+    def reset_connections(self) -> None:
+        """Drop pooled connections, which reconnect on next use; never raises.
 
-        Otherwise each stale connection would fail once after the backend returned, and
-        open the breaker again each time.
+        Before a probe, as they may lead to a server since restarted (each stale connection
+        would fail once after the backend returned, and open the breaker again each time),
+        and when the manager closes.
         """
         reset = getattr(self.inner, "reset_connections", None)
         if reset is None:
             return
         try:
             reset()
-        except Exception as error:  # the probe that follows reports the real state
+        except Exception as error:  # a probe that follows reports the real state
             logger.debug("could not reset the backend's connections: %r", error)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:

@@ -163,11 +163,11 @@ class _ModelCache:
         self.model: type = spec.model
         self.name = spec.model.__name__
         self.region = region
-        self._backend_store = store = store_for(region.backend)
+        store: Store = store_for(region.backend)
         self.near: NearStore | None = None
         if near is not None:
             store = self.near = near.wrap(store, region.backend)
-        self.store: Store = GuardedStore(store, breaker)
+        self.store = GuardedStore(store, breaker)
         self.keys = keys
         self.codec = ModelCodec(mapper)
         self.format = spec.format
@@ -187,12 +187,7 @@ class _ModelCache:
         """Close this model's backend connections (they reopen on next use); never raises."""
         if self.reader is not None:
             self.reader.forget()
-        reset = getattr(self._backend_store, "reset_connections", None)
-        try:
-            if reset is not None:
-                reset()
-        except Exception as error:  # the connections are being given up either way
-            logger.debug("closing %s's backend connections: %r", self.name, error)
+        self.store.reset_connections()
 
     async def aclose(self) -> None:
         """:meth:`close`'s part for the running event loop: its async Redis client."""
@@ -223,11 +218,7 @@ class _ModelCache:
         return self.spec.primary_key, self.key_of(self.spec.primary_key, values)
 
     def owns(self, instance: object, key: str) -> bool:
-        """Whether ``key`` is one of ``instance``'s keys; the primary key is tried first."""
-        primary_key = self.spec.primary_key
-        loaded = _state_dict(instance)
-        if self.key_of(primary_key, [loaded[name] for name in primary_key]) == key:
-            return True
+        """Whether ``key`` is one of ``instance``'s keys (asked once per remembered payload)."""
         return key in self.entity_keys(instance).values()
 
     def entity_keys(self, instance: object) -> dict[tuple[str, ...], str]:

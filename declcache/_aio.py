@@ -19,6 +19,8 @@ import logging
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from declcache._breaker import BackendUnavailable
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -78,8 +80,6 @@ class AsyncReader:
             BackendUnavailable: the breaker is open; the backend was not called.
             Exception: whatever redis-py raised (the breaker counts it).
         """
-        from declcache._breaker import BackendUnavailable  # noqa: PLC0415 - import cycle
-
         admitted = self._breaker.admit()
         if admitted is None:
             raise BackendUnavailable("circuit breaker open: cache backend not called")

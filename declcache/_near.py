@@ -419,11 +419,12 @@ class NearStore:
         missing = [index for index, value in enumerate(values) if value is None]
         if not missing:
             return values
+        missing_keys = [keys[index] for index in missing]
         fetched: list[bytes | None] = []
         try:
-            fetched = self.inner.get_many([keys[index] for index in missing])
+            fetched = self.inner.get_many(missing_keys)
         finally:
-            self.near.keep(epoch, zip([keys[i] for i in missing], fetched, strict=False))
+            self.near.keep(epoch, zip(missing_keys, fetched, strict=False))
         for index, value in zip(missing, fetched, strict=True):
             values[index] = value
         return values

@@ -65,7 +65,7 @@ def unwrap(raw: Any) -> tuple[float, bytes]:
         cut = raw.find(_SEPARATOR)
         if raw.endswith(_HEAD_END, 0, cut) and cut > len(_HEAD_START) + len(_HEAD_END):
             text = raw[len(_HEAD_START) : cut - len(_HEAD_END)]
-            if text.isdigit() or text.replace(b".", b"", 1).isdigit():  # no sign, no exponent
+            if text.replace(b".", b"", 1).isdigit():  # no sign, no exponent
                 return float(text), raw[cut + 1 :]
     return _unwrap_any(raw)
 

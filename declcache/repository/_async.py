@@ -3,7 +3,8 @@
 The same plans as the sync repository (:mod:`declcache.repository._base`), run without
 blocking the event loop:
 
-* a backend that does I/O (``manager.blocking``) is only called from a worker thread;
+* a look-up is awaited on the loop when it can be (Redis through ``redis.asyncio``, the near
+  cache), otherwise a backend that does I/O (``manager.blocking``) is called from a thread;
 * a read-through runs the manager in a worker thread, and the manager's database loader
   hops back to the loop to run the query on the ``AsyncSession``;
 * concurrent reads of one key await the leader's future (singleflight), so ``asyncio.gather``
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -157,7 +157,7 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
                 return loaded
 
             found = await asyncio.to_thread(
-                functools.partial(manager.load_many, probe=probe), self.model_type, idents, loader
+                manager.load_many, self.model_type, idents, loader, probe=probe
             )
         return [self._settled(ident, item) for ident, item in zip(idents, found, strict=True)]
 

@@ -79,13 +79,11 @@ class CachedRead:
         load: ``load(loader, probe)``: the cached value, else ``loader()``'s, filled in the
             cache; ``probe`` is what the missed look-up saw, so it is not looked up again.
         mutex: the backend's distributed fill lock, or ``None``.
-        blocking: whether the backend does I/O (async callers use a thread).
     """
 
     flight_key: Hashable | None
     load: Callable[[Callable[..., Any], Any], Any]
     mutex: Callable[[], Any]
-    blocking: bool
 
 
 @functools.cache
@@ -261,7 +259,6 @@ class RepositoryBase(Generic[ModelT]):
             flight_key=self._entity_flight_key(manager, ident),
             load=lambda loader, probe: manager.load(model, ident, loader, probe=probe),
             mutex=lambda: manager.fill_mutex(model, ident),
-            blocking=manager.blocking,
         )
 
     def _in_order(self, idents: Sequence[Ident], loaded: Iterable[ModelT]) -> list[ModelT | None]:
@@ -325,7 +322,6 @@ class RepositoryBase(Generic[ModelT]):
             flight_key=(manager, model, key),
             load=lambda loader, probe: manager.load_list(model, key, loader, probe=probe),
             mutex=lambda: manager.fill_mutex(model, query_key=key),
-            blocking=manager.blocking,
         )
 
     def _get_dialect(self) -> Dialect:

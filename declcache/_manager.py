@@ -183,20 +183,6 @@ class _ModelCache:
         self._entries: dict[bytes, _Entry] = {}
         self._entry_bytes = 0
 
-    def close(self) -> None:
-        """Close this model's backend connections (they reopen on next use); never raises."""
-        if self.reader is not None:
-            self.reader.forget()
-        self.store.reset_connections()
-
-    async def aclose(self) -> None:
-        """:meth:`close`'s part for the running event loop: its async Redis client."""
-        try:
-            if self.reader is not None:
-                await self.reader.aclose()
-        except Exception as error:
-            logger.debug("closing %s's async Redis client: %r", self.name, error)
-
     # -- keys ----------------------------------------------------------------------------
 
     def key_of(self, fields: tuple[str, ...], values: Sequence[Any]) -> str:
@@ -410,6 +396,7 @@ class CacheManager:
         self._lock = threading.RLock()
         self._faults = FaultLog(logger)
         self._first_region: CacheRegion | None = None
+        self._readers: list[tuple[Any, AsyncReader]] = []  # (sync pool, its async twin)
         self._memory = LRUDict(self._config.memory_max_entries)
         self._breaker = Breaker(self._config.breaker_interval)
         self._enabled = self._config.enabled and self._dogpile_available()
@@ -488,8 +475,23 @@ class CacheManager:
         keys = KeyBuilder(self._config.key_prefix, inspect(model), spec.serializer)
         cache = _ModelCache(spec, region, keys, self._breaker, self._on_stats, near=self._near)
         if self._near is None:  # with a near cache, a look-up may well need no I/O at all
-            cache.reader = async_reader_for(region.backend, self._breaker)
+            cache.reader = self._reader_for(region.backend)
         return cache
+
+    def _reader_for(self, backend: Any) -> AsyncReader | None:
+        """The async twin of ``backend``'s connection pool; one per pool.
+
+        Models that share the sync pool (:func:`_backends.share_connections`) share their
+        async connections too, and a breaker probe's reset reaches all of them.
+        """
+        pool = getattr(getattr(backend, "reader_client", None), "connection_pool", None)
+        for known, reader in self._readers:
+            if known is pool:
+                return reader
+        found = async_reader_for(backend, self._breaker)
+        if found is not None:
+            self._readers.append((pool, found))
+        return found
 
     def _make_region(self, spec: ModelSpec) -> CacheRegion:
         from dogpile.cache import make_region  # noqa: PLC0415
@@ -1160,14 +1162,19 @@ class CacheManager:
                     self._queue.size,
                 )
         for cache in self._built_caches():
-            cache.close()
+            cache.store.reset_connections()
+        for _, reader in self._readers:
+            reader.forget()
         if self._near is not None:
             self._near.close()
 
     async def aclose(self) -> None:
         """:meth:`close`, and close the running event loop's async Redis connections."""
-        for cache in self._built_caches():
-            await cache.aclose()
+        for _, reader in self._readers:
+            try:
+                await reader.aclose()
+            except Exception as error:  # the connections are being given up either way
+                logger.debug("closing an async Redis client: %r", error)
         await asyncio.to_thread(self.close)
 
     # -- introspection -----------------------------------------------------------------------

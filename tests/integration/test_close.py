@@ -17,11 +17,18 @@ import pytest
 import redis
 from pymemcache.client.base import Client as MemcachedClient
 
-from declcache import CacheConfig, CacheManager
+from declcache import CacheConfig, CacheManager, Lookup
 from declcache import _replay as replay_module
 from declcache.config import SQLAlchemyAsyncConfig, SQLAlchemySyncConfig
 from declcache.repository import SQLAlchemyAsyncRepository, SQLAlchemySyncRepository
-from tests.integration._invalidation_models import Base, Item, Reader, reset_rows, writing
+from tests.integration._invalidation_models import (
+    Base,
+    Document,
+    Item,
+    Reader,
+    reset_rows,
+    writing,
+)
 from tests.integration.conftest import delete_redis_keys
 from tests.integration.test_backend_faults import commit_rename, pause_redis, sleep_until, warm
 
@@ -276,6 +283,23 @@ async def test_aclose_hangs_up_the_async_reader_too(
     assert manager.stats()["Item"].hits >= 3
 
     await db.dispose()
+    assert settles_at(0, live)
+
+
+async def test_models_share_their_async_connections_as_they_share_the_sync_pool(
+    engine: Engine, named_redis: tuple[CacheConfig, Callable[[], int]]
+) -> None:
+    config, live = named_redis
+    manager = CacheManager(config)
+    reader = Reader(engine, manager)
+    warm(reader, 1)
+    assert reader.get(Document, 1) == {"id": 1, "folder_id": 1, "title": "one"}
+    for model in (Item, Document, Item):  # look-ups awaited through redis.asyncio, one by one
+        probe = await manager.aprobe(model, [1])
+        assert probe.results[0] is not Lookup.MISS
+    assert live() == 2  # one sync connection and one async connection for both models
+
+    await manager.aclose()
     assert settles_at(0, live)
 
 

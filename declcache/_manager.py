@@ -580,6 +580,15 @@ class CacheManager:
         """
         started = time.monotonic()
         raws = cache.store.get_many([cache.generation_key, *keys])
+        return self._read_raws(cache, keys, raws, started)
+
+    def _read_raws(
+        self, cache: _ModelCache, keys: list[str], raws: list[bytes | None], started: float
+    ) -> tuple[list[Any], _Ticket]:
+        """:meth:`_read` of the values fetched at ``started``: the token's, then the keys'.
+
+        Creates the generation token if there is none, and follows pointers.
+        """
         generation = self._token(cache, cache.generation_key, raws[0])
         read = self._resolve(
             cache, keys, raws[1:], generation, started, follow=cache.store.get_many
@@ -693,8 +702,9 @@ class CacheManager:
 
         On a single Redis server the look-up is awaited through ``redis.asyncio``; with a
         near cache that holds every key, it is answered on the loop; the memory backend
-        answers on the loop too. Anything else (other backends with I/O, a token to create,
-        a pointer to follow) runs :meth:`probe` in a worker thread.
+        answers on the loop too. Other backends with I/O run :meth:`probe` in a worker
+        thread; so does what an awaited look-up leaves to do (a token to create, a pointer
+        to follow), with the values it already fetched.
         """
         cache = self._usable(model)
         if cache is None or not idents:
@@ -707,17 +717,19 @@ class CacheManager:
         try:
             started = time.monotonic()
             raws = await self._raws_on_loop(cache, [cache.generation_key, *wanted])
-            generation = None if raws is None else cache.token(raws[0])
+            if raws is None:  # the near cache lacks a key
+                return await asyncio.to_thread(self.probe, model, idents)
+            generation = cache.token(raws[0])
             read = None
-            if raws is not None and generation is not None:
+            if generation is not None:
                 read = self._resolve(cache, wanted, raws[1:], generation, started, follow=None)
+            if read is None:  # a token to create or a pointer to follow: more backend calls
+                read = await asyncio.to_thread(self._read_raws, cache, wanted, raws, started)
         except Exception as error:
             self._fault(cache, "get", error)
             cache.counters.add("misses", len(idents))
             return _missed(idents)
-        if read is not None:
-            return self._probed(cache, keys, wanted, *read)
-        return await asyncio.to_thread(self.probe, model, idents)
+        return self._probed(cache, keys, wanted, *read)
 
     @staticmethod
     def _loop_readable(cache: _ModelCache) -> bool:
@@ -947,28 +959,27 @@ class CacheManager:
         key = cache.keys.named_key(f"q:{query_key}")
         try:
             raws = await self._raws_on_loop(cache, [cache.version_key, key])
-            version = None if raws is None else cache.token(raws[0])
-            cached = (
-                None if raws is None or version is None else self._listed(cache, raws[1], version)
-            )
+            if raws is None:  # the near cache lacks a key
+                return await asyncio.to_thread(self._probe_list, cache, query_key)
+            if cache.token(raws[0]) is None:  # no list version yet: creating one is a write
+                return await asyncio.to_thread(self._list_from_raws, cache, raws)
+            return self._list_from_raws(cache, raws)
         except Exception as error:
             self._fault(cache, "get", error)
             return ListProbe(Lookup.MISS, None)
-        if version is not None:
-            return ListProbe(cached, version)
-        # no list version yet (creating one is a write), or the near cache lacks a key
-        return await asyncio.to_thread(self._probe_list, cache, query_key)
 
     def _probe_list(self, cache: _ModelCache, query_key: str) -> ListProbe:
         key = cache.keys.named_key(f"q:{query_key}")
         try:
-            raws = cache.store.get_many([cache.version_key, key])
-            version = self._token(cache, cache.version_key, raws[0])
-            cached = self._listed(cache, raws[1], version)
+            return self._list_from_raws(cache, cache.store.get_many([cache.version_key, key]))
         except Exception as error:
             self._fault(cache, "get", error)
             return ListProbe(Lookup.MISS, None)
-        return ListProbe(cached, version)
+
+    def _list_from_raws(self, cache: _ModelCache, raws: list[bytes | None]) -> ListProbe:
+        """What the list version's and the query key's values hold (the version made if none)."""
+        version = self._token(cache, cache.version_key, raws[0])
+        return ListProbe(self._listed(cache, raws[1], version), version)
 
     def _listed(self, cache: _ModelCache, raw: bytes | None, version: str) -> Any:
         """The query result ``raw`` holds under ``version`` (counted), or ``MISS``."""

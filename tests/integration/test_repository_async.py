@@ -268,6 +268,40 @@ async def test_get_one_by_a_key_is_cached_and_by_other_fields_is_queried(
         await read(db, sent, lambda s: repo(s).get_one(email="nobody@example.com"))
 
 
+@pytest.mark.parametrize("cache_backend", ["redis"])  # the awaited look-up is Redis's only
+async def test_a_hit_by_a_key_set_follows_its_pointer_without_looking_up_again(
+    db: SQLAlchemyAsyncConfig, sent: StatementLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = await authors(db, 2)
+    email = made[1].email
+    for _ in range(2):  # the entity, then the email pointer, are filled
+        await read(db, sent, lambda s: repo(s).get_one(email=email))
+    manager = db.cache_manager
+    assert manager is not None
+    cache = manager._cache(Author)
+    assert cache is not None
+    assert cache.reader is not None
+    calls: list[list[str]] = []
+    awaited, fetched = cache.reader.get_many, cache.store.inner.get_many
+
+    async def counted_await(keys: list[str]) -> list[bytes | None]:
+        calls.append(keys)
+        return await awaited(keys)
+
+    def counted_fetch(keys: list[str]) -> list[bytes | None]:
+        calls.append(keys)
+        return fetched(keys)
+
+    monkeypatch.setattr(cache.reader, "get_many", counted_await)
+    monkeypatch.setattr(cache.store.inner, "get_many", counted_fetch)
+
+    found, queries = await read(db, sent, lambda s: repo(s).get_one(email=email))
+
+    assert (found.id, queries) == (2, 0)
+    # The awaited MGET read the token and the pointer; only the row it points to is left.
+    assert [len(keys) for keys in calls] == [2, 1]
+
+
 # -- list, count, exists -----------------------------------------------------------------------
 
 

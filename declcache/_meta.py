@@ -1,4 +1,10 @@
-"""Read a model's ``CacheMeta``, validate it, and resolve it against the settings.
+"""What a ``CacheMeta`` may say, declared once in :data:`OPTIONS`, and how it is resolved.
+
+Each :class:`Option` names a CacheMeta attribute, the check that validates and normalises its
+value, its default and what it means. That one table drives everything that knows the
+options: reading a CacheMeta, the ``DECLCACHE_MODELS`` per-model overrides, the resolved
+:class:`ModelSpec` (one attribute per option, same name) and the columns of ``declcache
+inspect``. A new option is one entry plus the code that uses it.
 
 Two steps, at two times:
 
@@ -9,6 +15,9 @@ Two steps, at two times:
 * :func:`resolve_spec` runs once per manager and model. It applies the precedence of the
   settings and freezes the result into a :class:`ModelSpec`, which also says where every
   value came from — ``declcache inspect`` prints exactly that.
+
+The settings import this module to check overrides at start-up, so it reads the settings only
+through the :class:`SpecSettings` protocol and never imports them.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Column, PrimaryKeyConstraint, UniqueConstraint
 
@@ -27,12 +36,13 @@ from declcache.serializers import SerializationFormat, resolve_format
 if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper
 
-    from declcache.settings import CacheConfig
-
 __all__ = [
-    "META_ATTRIBUTES",
+    "OPTIONS",
     "DeclaredMeta",
+    "FromSetting",
     "ModelSpec",
+    "Option",
+    "SpecSettings",
     "check_override",
     "read_cache_meta",
     "resolve_spec",
@@ -67,9 +77,7 @@ def _serializer(value: Any, _mapper: Mapper[Any] | None) -> tuple[str, Serializa
         raise _InvalidError(str(error)) from None
 
 
-def _column_of(mapper: Mapper[Any], field: Any) -> Column[Any]:
-    if not isinstance(field, str):
-        raise _InvalidError(f"expected column attribute names, got {field!r}")
+def _column_of(mapper: Mapper[Any], field: str) -> Column[Any]:
     prop = mapper.column_attrs.get(field)
     if prop is None or not isinstance(prop.columns[0], Column):
         names = [p.key for p in mapper.column_attrs]
@@ -98,8 +106,10 @@ def _is_unique(mapper: Mapper[Any], columns: list[Column[Any]]) -> bool:
 
 
 def _key_fields(value: Any, mapper: Mapper[Any] | None) -> KeySets:
-    """Normalise ``"email"``, ``("email",)`` or ``(("email",), ("org", "slug"))``."""
-    assert mapper is not None, "key_fields is only checked against a mapped class"
+    """Normalise ``"email"``, ``("email",)`` or ``(("email",), ("org", "slug"))``.
+
+    The shape is checked at once; the columns only once there is a model (``mapper``).
+    """
     if isinstance(value, str):
         value = (value,)
     if not isinstance(value, (tuple, list)) or not value:
@@ -109,8 +119,12 @@ def _key_fields(value: Any, mapper: Mapper[Any] | None) -> KeySets:
     for fields in sets:
         if not fields:
             raise _InvalidError("an empty key")
-        columns = [_column_of(mapper, field) for field in fields]
-        if not _is_unique(mapper, columns):
+        for field in fields:
+            if not isinstance(field, str):
+                raise _InvalidError(f"expected column attribute names, got {field!r}")
+        if mapper is not None and not _is_unique(
+            mapper, [_column_of(mapper, field) for field in fields]
+        ):
             raise _InvalidError(
                 f"{tuple(fields)!r} is not unique: a key must be the primary key, a column "
                 "with unique=True, or the columns of a UniqueConstraint or unique Index"
@@ -119,36 +133,80 @@ def _key_fields(value: Any, mapper: Mapper[Any] | None) -> KeySets:
     return tuple(normalised)
 
 
+#: Checks one value and returns it normalised; gets the model's mapper, or ``None`` for a
+#: per-model override checked at start-up, before any model is mapped.
 Validator = Callable[[Any, "Mapper[Any] | None"], Any]
 
-#: What a CacheMeta may say, and how each value is checked and normalised.
-META_ATTRIBUTES: Mapping[str, Validator] = {
-    "ttl": _positive_seconds,
-    "enabled": _boolean,
-    "serializer": _serializer,
-    "key_fields": _key_fields,
-    "cache_not_found": _boolean,
-}
+
+@dataclass(frozen=True)
+class FromSetting:
+    """A default the settings give, not a constant: ``ttl`` defaults to ``expiration_time``.
+
+    Attributes:
+        field: the setting a user writes; it names the source and the errors.
+        attribute: the CacheConfig attribute holding the value, when it is not ``field``.
+    """
+
+    field: str
+    attribute: str | None = None
 
 
-def _unknown_attribute(name: str) -> str:
-    hint = difflib.get_close_matches(name, list(META_ATTRIBUTES), n=1)
-    known = ", ".join(META_ATTRIBUTES)
-    return f"unknown attribute{f'; did you mean {hint[0]!r}?' if hint else ''} (known: {known})"
+@dataclass(frozen=True)
+class Option:
+    """One attribute a CacheMeta may set.
+
+    Attributes:
+        name: the attribute in CacheMeta, in ``DECLCACHE_MODELS`` and on :class:`ModelSpec`.
+        validate: checks a value and returns it normalised (see :data:`Validator`).
+        default: the value when nothing sets it, or the setting that gives it.
+        description: what it means, as ``declcache inspect`` explains it.
+    """
+
+    name: str
+    validate: Validator
+    default: Any
+    description: str
+
+
+#: Every attribute a CacheMeta may set, in the order they are listed to users.
+OPTIONS: tuple[Option, ...] = (
+    Option("ttl", _positive_seconds, FromSetting("expiration_time"), "seconds an entry lives"),
+    Option("enabled", _boolean, True, "whether the model is cached at all"),
+    Option(
+        "serializer",
+        _serializer,
+        FromSetting("serializer", "serializer_spec"),
+        "the format of the cached payload",
+    ),
+    Option("key_fields", _key_fields, (), "the unique keys an entity is cached under"),
+    Option("cache_not_found", _boolean, False, "whether a lookup that finds no row is cached"),
+)
+_OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+def _validated(name: str, value: Any, mapper: Mapper[Any] | None) -> Any:
+    """``value`` of option ``name``, validated and normalised.
+
+    Raises:
+        _InvalidError: no option has that name, or the value is invalid.
+    """
+    option = _OPTIONS_BY_NAME.get(name)
+    if option is None:
+        hint = difflib.get_close_matches(name, list(_OPTIONS_BY_NAME), n=1)
+        known = ", ".join(_OPTIONS_BY_NAME)
+        raise _InvalidError(
+            f"unknown attribute{f'; did you mean {hint[0]!r}?' if hint else ''} (known: {known})"
+        )
+    return option.validate(value, mapper)
 
 
 def check_override(attribute: str, value: Any) -> str | None:
     """The problem with one per-model override, checked before any model is mapped.
 
-    ``key_fields`` needs the model's columns and is checked when the model is resolved.
+    Whether ``key_fields`` name unique columns is checked when the model is resolved.
     """
-    validator = META_ATTRIBUTES.get(attribute)
-    if validator is None:
-        return _unknown_attribute(attribute)
-    if attribute == "key_fields":
-        return None
     try:
-        validator(value, None)
+        _validated(attribute, value, None)
     except _InvalidError as error:
         return str(error)
     return None
@@ -180,11 +238,8 @@ def read_cache_meta(mapper: Mapper[Any]) -> DeclaredMeta | None:
         for name, value in vars(klass).items():
             if name.startswith("_") or name in values:
                 continue
-            validator = META_ATTRIBUTES.get(name)
-            if validator is None:
-                raise CacheMetaError(model, name, _unknown_attribute(name))
             try:
-                values[name] = validator(value, mapper)
+                values[name] = _validated(name, value, mapper)
             except _InvalidError as error:
                 raise CacheMetaError(model, name, str(error)) from None
             origins[name] = klass.__qualname__
@@ -195,6 +250,8 @@ def read_cache_meta(mapper: Mapper[Any]) -> DeclaredMeta | None:
 class ModelSpec:
     """The settings one manager applies to one model, frozen, with their origins.
 
+    Every option of :data:`OPTIONS` is an attribute of the same name.
+
     Attributes:
         model: the mapped class.
         enabled: whether this model is cached at all.
@@ -204,7 +261,7 @@ class ModelSpec:
         key_fields: every key naming one entity; the primary key comes first.
         cache_not_found: whether a missing key is cached too.
         fingerprint: hash of the model's schema and format, part of every key.
-        sources: for each attribute, where its value came from.
+        sources: for each option, where its value came from.
     """
 
     model: type
@@ -223,64 +280,76 @@ class ModelSpec:
         return self.key_fields[0]
 
 
-def _override_values(
-    mapper: Mapper[Any], config: CacheConfig
-) -> tuple[dict[str, Any], dict[str, str]]:
+class SpecSettings(Protocol):
+    """What resolving a spec reads from a :class:`~declcache.CacheConfig`."""
+
+    @property
+    def sources(self) -> Mapping[str, str]:
+        """Where each setting came from."""
+
+    def setting_name(self, field_name: str) -> str:
+        """The name a user set ``field_name`` by."""
+
+    def model_overrides(self, *names: str) -> tuple[str, Mapping[str, Any]] | None:
+        """``(matched_name, overrides)`` for the first of ``names`` that has overrides."""
+
+
+def _override_values(mapper: Mapper[Any], config: SpecSettings) -> dict[str, tuple[Any, str]]:
+    """The per-model overrides of ``mapper``'s model, validated, each with its source."""
     table = getattr(mapper.local_table, "name", None)
     names = [mapper.class_.__name__] + ([table] if table else [])
     matched = config.model_overrides(*names)
     if matched is None:
-        return {}, {}
+        return {}
     name, overrides = matched
     source = f"{config.setting_name('models')}[{name}]"
-    values: dict[str, Any] = {}
+    values: dict[str, tuple[Any, str]] = {}
     for attribute, value in overrides.items():
-        validator = META_ATTRIBUTES.get(attribute)
-        if validator is None:
-            raise SettingsError(f"{source}.{attribute}", _unknown_attribute(attribute))
         try:
-            values[attribute] = validator(value, mapper)
+            values[attribute] = _validated(attribute, value, mapper), source
         except _InvalidError as error:
             raise SettingsError(f"{source}.{attribute}", str(error)) from None
-    return values, dict.fromkeys(values, source)
+    return values
 
 
-def resolve_spec(mapper: Mapper[Any], declared: DeclaredMeta, config: CacheConfig) -> ModelSpec:
+def _default(option: Option, mapper: Mapper[Any], config: SpecSettings) -> tuple[Any, str]:
+    """The value ``option`` takes when nothing sets it for the model, and its source."""
+    if not isinstance(option.default, FromSetting):
+        return option.default, "default"
+    setting = option.default
+    try:
+        value = option.validate(getattr(config, setting.attribute or setting.field), mapper)
+    except _InvalidError as error:
+        raise SettingsError(config.setting_name(setting.field), str(error)) from None
+    return value, config.sources[setting.field]
+
+
+def resolve_spec(mapper: Mapper[Any], declared: DeclaredMeta, config: SpecSettings) -> ModelSpec:
     """Apply the precedence (overrides, CacheMeta, settings, defaults) for one model.
 
     Raises:
         SettingsError: a per-model override is invalid, or the default serializer is.
     """
-    values, sources = _override_values(mapper, config)
-    for name, value in declared.values.items():
-        if name not in values:
-            values[name] = value
-            sources[name] = declared.origins[name]
-    if "ttl" not in values:
-        values["ttl"] = config.expiration_time
-        sources["ttl"] = config.sources["expiration_time"]
-    if "serializer" not in values:
-        try:
-            values["serializer"] = resolve_format(config.serializer_spec)
-        except ValueError as error:
-            raise SettingsError(config.setting_name("serializer"), str(error)) from None
-        sources["serializer"] = config.sources["serializer"]
-    defaults = {"enabled": True, "cache_not_found": False, "key_fields": ()}
-    for name, value in defaults.items():
-        if name not in values:
-            values[name] = value
-            sources[name] = "default"
+    overrides = _override_values(mapper, config)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for option in OPTIONS:
+        if option.name in overrides:
+            values[option.name], sources[option.name] = overrides[option.name]
+        elif option.name in declared.values:
+            values[option.name] = declared.values[option.name]
+            sources[option.name] = declared.origins[option.name]
+        else:
+            values[option.name], sources[option.name] = _default(option, mapper, config)
+    format_name, format_ = values.pop("serializer")
     primary_key = tuple(mapper.get_property_by_column(column).key for column in mapper.primary_key)
-    key_fields = (primary_key, *(keys for keys in values["key_fields"] if keys != primary_key))
-    format_name, format_ = values["serializer"]
+    other_keys = [keys for keys in values.pop("key_fields") if keys != primary_key]
     return ModelSpec(
         model=mapper.class_,
-        enabled=values["enabled"],
-        ttl=values["ttl"],
         serializer=format_name,
         format=format_,
-        key_fields=key_fields,
-        cache_not_found=values["cache_not_found"],
+        key_fields=(primary_key, *other_keys),
         fingerprint=fingerprint(mapper, format_name),
         sources=sources,
+        **values,
     )

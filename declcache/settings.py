@@ -1,8 +1,22 @@
-"""Settings: ``CacheSettings`` reads ``DECLCACHE_*`` variables, ``CacheConfig`` seeds a manager.
+"""Settings: declared once, given as ``CacheConfig(...)`` arguments or ``DECLCACHE_*`` variables.
 
-The environment is read in exactly one place, :class:`CacheSettings`; everything downstream
-takes a :class:`CacheConfig`, a frozen dataclass validated when it is made. Precedence,
-highest first:
+:class:`CacheConfig` is the one declaration of every setting: a field's annotation holds its
+type and its check (strict: ``"60"`` is not a number of seconds), the field its default. It is
+a frozen pydantic dataclass rather than a ``BaseModel`` because a dataclass keeps what callers
+rely on — a typed ``__init__``, ``FrozenInstanceError`` on assignment, equality that ignores
+where values came from — while pydantic validates it all the same.
+
+:data:`CacheSettings`, the pydantic-settings class that reads the environment and a ``.env``
+file, is generated from those fields. It only turns each variable's text into its field's
+type (a mapping is a JSON object) and leaves every check to CacheConfig, so no rule is written
+twice. :meth:`CacheConfig.from_env` then validates what it found.
+
+Where each value came from is an :class:`Origin`: a kind (default, variable, argument) and the
+field it was set through. It is derived from what pydantic knows — the variables
+pydantic-settings found (``model_fields_set``), the arguments given to the dataclass, and, for
+:meth:`~CacheConfig.from_env` and :meth:`~CacheConfig.with_overrides`, the origins passed as
+validation context — and :attr:`CacheConfig.sources` and the setting named in every
+:class:`~declcache.exceptions.SettingsError` are rendered from it. Precedence, highest first:
 
 1. explicit ``CacheConfig(...)`` / ``CacheConfig.from_env(**overrides)`` arguments,
 2. ``DECLCACHE_MODELS`` per-model overrides,
@@ -14,25 +28,41 @@ highest first:
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from enum import IntEnum
 from types import MappingProxyType
-from typing import Annotated, Any, ClassVar, Self
+from typing import TYPE_CHECKING, Annotated, Any, Self, TypeVar, cast, get_origin
 
-from pydantic import ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import (
+    AfterValidator,
+    Field,
+    Json,
+    ModelWrapValidatorHandler,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass, is_pydantic_dataclass
+from pydantic_core import ArgsKwargs
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from declcache._breaker import DEFAULT_BREAKER_INTERVAL
-from declcache._lru import DEFAULT_MEMORY_MAX_ENTRIES
+from declcache import backends
 from declcache._meta import check_override
-from declcache._near import DEFAULT_NEAR_CACHE_MAX_ENTRIES
-from declcache._urls import parse_cache_url
 from declcache.exceptions import SettingsError
 from declcache.serializers import resolve_format
 
-__all__ = ["ENV_PREFIX", "CacheConfig", "CacheSettings"]
+if TYPE_CHECKING:
+    from pydantic.fields import FieldInfo
+
+__all__ = ["ENV_PREFIX", "CacheConfig", "CacheSettings", "Origin", "OriginKind"]
 
 ENV_PREFIX = "DECLCACHE_"
 DEFAULT_BACKEND = "dogpile.cache.memory"
@@ -42,109 +72,118 @@ DEFAULT_SERIALIZER = "json"
 MAX_KEY_PREFIX_LENGTH = 64
 #: Payloads larger than this are not cached: below Memcached's 1 MiB item size.
 DEFAULT_MAX_VALUE_BYTES = 512 * 1024
-
-#: Backend names a user may write, mapped to the dogpile backend declcache configures.
-BACKEND_ALIASES: Mapping[str, str] = {
-    # dogpile's own "memcached" backend needs python-memcached; pymemcache is the maintained
-    # client and the one our extra installs, so both names mean the same thing here.
-    "dogpile.cache.memcached": "dogpile.cache.pymemcache",
-    "dogpile.cache.bmemcached": "dogpile.cache.bmemcached",
-}
-
-#: The one backend a near cache works with: Redis tracking pushes come from one server.
-NEAR_CACHE_BACKEND = "dogpile.cache.redis"
+#: Entries the memory backend keeps unless configured.
+DEFAULT_MEMORY_MAX_ENTRIES = 10_000
+#: Seconds the backend is left alone after a fault unless configured.
+DEFAULT_BREAKER_INTERVAL = 1.0
+#: Entries one process keeps in its near cache unless configured.
+DEFAULT_NEAR_CACHE_MAX_ENTRIES = 10_000
 
 _PREFIX_PATTERN = re.compile(r"[!-~]*")  # printable ASCII, no space: valid in every backend key
-
-
-def _rank(source: str) -> int:
-    """How explicit a source is: an argument beats a variable, which beats a default."""
-    if source.startswith("CacheConfig("):
-        return 2
-    return 1 if source.startswith(ENV_PREFIX) else 0
+_ORIGINS = "origins"  # the validation context's key: origins of values that are not arguments
 
 
 def _env_name(field_name: str) -> str:
     return f"{ENV_PREFIX}{field_name.upper()}"
 
 
-class CacheSettings(BaseSettings):
-    """Every ``DECLCACHE_*`` variable, read from the environment and a ``.env`` file.
+class OriginKind(IntEnum):
+    """How a value was set, in precedence order: a larger kind beats a smaller one."""
 
-    Build it through :meth:`CacheConfig.from_env`, which turns a validation failure into a
-    :class:`~declcache.exceptions.SettingsError` naming the variable.
+    DEFAULT = 0
+    ENVIRONMENT = 1
+    ARGUMENT = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    """Where a value came from: how it was set, and the field it was set through.
+
+    The field is another one only when a URL set ``backend`` and ``arguments``.
     """
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",
-        frozen=True,
-    )
+    kind: OriginKind
+    field: str
 
-    enabled: bool = True
-    backend: str = DEFAULT_BACKEND
-    url: str | None = None
-    arguments: Annotated[dict[str, Any], NoDecode] = {}
-    expiration_time: int = DEFAULT_EXPIRATION_TIME
-    key_prefix: str = DEFAULT_KEY_PREFIX
-    serializer: str = DEFAULT_SERIALIZER
-    models: Annotated[dict[str, dict[str, Any]], NoDecode] = {}
-    memory_max_entries: int = DEFAULT_MEMORY_MAX_ENTRIES
-    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
-    breaker_interval: float = DEFAULT_BREAKER_INTERVAL
-    near_cache: bool = False
-    near_cache_max_entries: int = DEFAULT_NEAR_CACHE_MAX_ENTRIES
+    def __str__(self) -> str:
+        """As :attr:`CacheConfig.sources` shows it: a variable, an argument or ``default``."""
+        if self.kind is OriginKind.ENVIRONMENT:
+            return _env_name(self.field)
+        if self.kind is OriginKind.ARGUMENT:
+            return f"CacheConfig({self.field}=...)"
+        return "default"
 
-    @field_validator("arguments", "models", mode="before")
-    @classmethod
-    def _json_object(cls, value: Any) -> Any:
-        """Decode JSON here, so a bad value is reported with its variable's name."""
-        if isinstance(value, str):
-            try:
-                return json.loads(value)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"invalid JSON: {error}") from None
-        return value
-
-    @field_validator("expiration_time")
-    @classmethod
-    def _positive(cls, value: int) -> int:
-        if value <= 0:
-            raise ValueError("must be a positive number of seconds")
-        return value
-
-    @field_validator("memory_max_entries", "max_value_bytes", "near_cache_max_entries")
-    @classmethod
-    def _at_least_one(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be at least 1")
-        return value
-
-    @field_validator("breaker_interval")
-    @classmethod
-    def _not_negative(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError("must be 0 (no circuit breaker) or a positive number of seconds")
-        return value
+    def setting_name(self, field_name: str) -> str:
+        """The name an error gives ``field_name``: its variable, if it came from one."""
+        if self.kind is OriginKind.ENVIRONMENT:
+            return _env_name(self.field)
+        return f"CacheConfig.{field_name}"
 
 
-def _validation_error(error: ValidationError) -> SettingsError:
-    """Name the variable(s) in a pydantic error, which only knows field names."""
+def _settings_error(
+    error: ValidationError, origins: Mapping[str, Origin], otherwise: OriginKind
+) -> SettingsError:
+    """Name the setting(s) in a pydantic error, which only knows field names.
+
+    A field missing from ``origins`` was set as ``otherwise``. A check that raised a
+    :class:`SettingsError` itself already named its setting and is passed on as it is.
+    """
     problems = []
     for detail in error.errors():
-        location = detail["loc"][0] if detail["loc"] else "?"
+        cause = detail.get("ctx", {}).get("error")
+        if isinstance(cause, SettingsError):
+            return cause
+        field_name = str(detail["loc"][0]) if detail["loc"] else "?"
+        origin = origins.get(field_name, Origin(otherwise, field_name))
         shown = repr(detail.get("input"))
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        problems.append((_env_name(str(location)), f"{detail['msg']} (got {shown})"))
+        # our own checks raise ValueError: their text, without pydantic's "Value error, "
+        message = str(cause) if isinstance(cause, ValueError) else detail["msg"]
+        problems.append((origin.setting_name(field_name), f"{message} (got {shown})"))
     setting, problem = problems[0]
     for other_setting, other_problem in problems[1:]:
         problem += f"; {other_setting}: {other_problem}"
     return SettingsError(setting, problem)
 
 
+_Config = TypeVar("_Config")
+
+
+def _raising_settings_errors(cls: type[_Config]) -> type[_Config]:
+    """Make ``cls(...)`` raise a :class:`SettingsError`, not pydantic's ``ValidationError``.
+
+    pydantic generates the dataclass ``__init__``, so this wraps it: the one boundary where a
+    direct construction's errors are translated (every value in it is an argument).
+    """
+    validate: Callable[..., None] = cls.__init__
+
+    @functools.wraps(validate)
+    def __init__(self: _Config, *args: Any, **kwargs: Any) -> None:
+        try:
+            validate(self, *args, **kwargs)
+        except ValidationError as error:
+            raise _settings_error(error, {}, OriginKind.ARGUMENT) from None
+
+    setattr(cls, "__init__", __init__)  # noqa: B010 - mypy refuses to assign a method
+    return cls
+
+
+def _key_prefix(prefix: str) -> str:
+    if len(prefix) > MAX_KEY_PREFIX_LENGTH or not _PREFIX_PATTERN.fullmatch(prefix):
+        raise ValueError(
+            f"expected at most {MAX_KEY_PREFIX_LENGTH} printable ASCII characters without spaces"
+        )
+    return prefix
+
+
+#: Marks a field no variable can set: a function has no text form.
+_ARGUMENT_ONLY = object()
+
+_AtLeastOne = Annotated[StrictInt, Field(ge=1)]
+
+
+@_raising_settings_errors
 @dataclass(frozen=True)
 class CacheConfig:
     """How a :class:`~declcache.CacheManager` caches: backend, ttl, prefix, format.
@@ -171,158 +210,123 @@ class CacheConfig:
         near_cache: keep Redis values in this process too, coherent through Redis client
             tracking (single-node ``dogpile.cache.redis`` only; see docs/near-cache.md).
         near_cache_max_entries: entries the near cache keeps (least recently used dropped).
-        sources: where each field came from (``"DECLCACHE_BACKEND"``, ``"argument"``,
-            ``"default"``, ``"CacheConfig(ttl=...)"``); shown by ``declcache inspect``.
+
+    Attributes:
+        origins: where each field's value came from; not an argument, and not compared.
 
     Raises:
         SettingsError: a value is invalid; the message names the argument or variable.
     """
 
-    backend: str = DEFAULT_BACKEND
-    expiration_time: int = DEFAULT_EXPIRATION_TIME
-    arguments: Mapping[str, Any] = field(default_factory=dict)
-    key_prefix: str = DEFAULT_KEY_PREFIX
-    enabled: bool = True
+    backend: Annotated[StrictStr, Field(min_length=1)] = DEFAULT_BACKEND
+    expiration_time: Annotated[StrictInt, Field(gt=0)] = DEFAULT_EXPIRATION_TIME
+    arguments: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    key_prefix: Annotated[StrictStr, AfterValidator(_key_prefix)] = DEFAULT_KEY_PREFIX
+    enabled: StrictBool = True
     serializer: Any = None
-    deserializer: Callable[[bytes], Any] | None = None
-    url: str | None = None
-    models: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    memory_max_entries: int = DEFAULT_MEMORY_MAX_ENTRIES
-    max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES
-    breaker_interval: float = DEFAULT_BREAKER_INTERVAL
-    near_cache: bool = False
-    near_cache_max_entries: int = DEFAULT_NEAR_CACHE_MAX_ENTRIES
-    sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
-
-    _FIELDS_FROM_ENV: ClassVar[tuple[str, ...]] = (
-        "backend",
-        "expiration_time",
-        "arguments",
-        "key_prefix",
-        "enabled",
-        "serializer",
-        "url",
-        "models",
-        "memory_max_entries",
-        "max_value_bytes",
-        "breaker_interval",
-        "near_cache",
-        "near_cache_max_entries",
+    deserializer: Annotated[Callable[[bytes], Any] | None, _ARGUMENT_ONLY] = None
+    url: StrictStr | None = None
+    models: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    memory_max_entries: _AtLeastOne = DEFAULT_MEMORY_MAX_ENTRIES
+    max_value_bytes: _AtLeastOne = DEFAULT_MAX_VALUE_BYTES
+    breaker_interval: Annotated[StrictFloat, Field(ge=0)] = DEFAULT_BREAKER_INTERVAL
+    near_cache: StrictBool = False
+    near_cache_max_entries: _AtLeastOne = DEFAULT_NEAR_CACHE_MAX_ENTRIES
+    origins: Mapping[str, Origin] = dataclasses.field(
+        init=False, default_factory=dict, repr=False, compare=False
     )
 
-    def __post_init__(self) -> None:
-        sources = {
-            item.name: self.sources.get(item.name) or self._default_source(item)
-            for item in dataclasses.fields(self)
-            if item.name != "sources"
-        }
-        object.__setattr__(self, "sources", sources)
-        self._check_expiration_time()
-        self._check_limits()
-        self._check_key_prefix()
-        self._check_serializer_pair()
-        self._check_models()
+    @model_validator(mode="wrap")
+    @classmethod
+    def _settle(
+        cls,
+        data: Any,
+        handler: ModelWrapValidatorHandler[Self],
+        info: ValidationInfo,
+    ) -> Self:
+        """Validate each field, then record origins and settle what depends on several fields.
+
+        ``data`` holds the arguments of ``__init__`` (``ArgsKwargs``) or the mapping
+        :meth:`_validated` passes. A value in it is an argument unless the validation context
+        gives its origin; a value not in it is the default.
+        """
+        if isinstance(data, cls):  # a field of a pydantic model given a config: already valid
+            return handler(data)
+        names = [item.name for item in dataclasses.fields(cls) if item.init]
+        if isinstance(data, ArgsKwargs):
+            given = {*names[: len(data.args)], *(data.kwargs or {})}
+        else:
+            given = set(data)
+        unknown = given.difference(names)
+        if unknown:
+            raise TypeError(f"CacheConfig got unknown arguments: {sorted(unknown)}")
+        config = handler(data)
+        known: Mapping[str, Origin] = (info.context or {}).get(_ORIGINS, {})
+        config._resolve(
+            {
+                name: known.get(name)
+                or Origin(OriginKind.ARGUMENT if name in given else OriginKind.DEFAULT, name)
+                for name in names
+            }
+        )
+        return config
+
+    def _resolve(self, origins: dict[str, Origin]) -> None:
+        """Check what spans fields, let the URL set backend and arguments, freeze the mappings."""
+        object.__setattr__(self, "origins", origins)  # first: every check names settings by it
         self._check_serializer()
-        backend, arguments = self.backend, dict(self.arguments)
-        if self.url is not None and sources["backend"] != sources["url"]:
-            try:
-                url_backend, url_arguments = parse_cache_url(self.url)
-            except ValueError as error:
-                raise SettingsError(self.setting_name("url"), str(error)) from None
-            url_rank, backend_rank = _rank(sources["url"]), _rank(sources["backend"])
-            contradicts = self._alias(self.backend) != self._alias(url_backend)
-            if contradicts and url_rank == backend_rank:
-                raise SettingsError(
-                    self.setting_name("backend"),
-                    f"{self.backend!r} contradicts {self.setting_name('url')}, which means "
-                    f"{url_backend!r}; set only one of them",
-                )
-            if url_rank >= backend_rank:  # the more explicit of the two wins
-                backend, arguments = url_backend, {**url_arguments, **arguments}
-                sources["backend"] = sources["url"]
-                if sources["arguments"] == "default":
-                    sources["arguments"] = sources["url"]
-        if not isinstance(backend, str) or not backend:
-            raise SettingsError(self.setting_name("backend"), "expected a dogpile backend name")
-        object.__setattr__(self, "backend", self._alias(backend))
-        self._check_near_cache()
+        self._check_models()
+        backend, arguments, url_origin = self._from_url()
+        if url_origin is not None:
+            origins["backend"] = url_origin
+            if origins["arguments"].kind is OriginKind.DEFAULT:
+                origins["arguments"] = url_origin
+        object.__setattr__(self, "backend", backends.canonical_name(backend))
         object.__setattr__(self, "arguments", MappingProxyType(arguments))
         object.__setattr__(
             self,
             "models",
             MappingProxyType({k: MappingProxyType(dict(v)) for k, v in self.models.items()}),
         )
+        object.__setattr__(self, "origins", MappingProxyType(origins))
+        self._check_near_cache()
 
-    @staticmethod
-    def _alias(backend: str) -> str:
-        return BACKEND_ALIASES.get(backend, backend)
+    def _from_url(self) -> tuple[str, dict[str, Any], Origin | None]:
+        """Backend and arguments once the URL is applied, and the URL's origin if it won.
 
-    def _default_source(self, item: dataclasses.Field[Any]) -> str:
-        value = getattr(self, item.name)
-        if item.default is not dataclasses.MISSING:
-            default = item.default
-        elif item.default_factory is not dataclasses.MISSING:
-            default = item.default_factory()
-        else:  # pragma: no cover - every field has a default
-            default = dataclasses.MISSING
-        return "default" if value == default else f"CacheConfig({item.name}=...)"
-
-    def setting_name(self, field_name: str) -> str:
-        """The name a user set ``field_name`` by: its variable if from the environment."""
-        source = self.sources.get(field_name, "")
-        if source.startswith(ENV_PREFIX):
-            return source
-        return f"CacheConfig.{field_name}"
-
-    def _check_expiration_time(self) -> None:
-        value = self.expiration_time
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        The more explicit of ``url`` and ``backend`` wins; set equally explicitly, they must
+        agree. A URL that already set the backend (a copy by :meth:`with_overrides`) is not
+        applied twice.
+        """
+        backend, arguments = self.backend, dict(self.arguments)
+        url, backend_origin = self.origins["url"], self.origins["backend"]
+        if self.url is None or backend_origin == url:
+            return backend, arguments, None
+        try:
+            url_backend, url_arguments = backends.parse_url(self.url)
+        except ValueError as error:
+            raise SettingsError(self.setting_name("url"), str(error)) from None
+        contradicts = backends.canonical_name(backend) != backends.canonical_name(url_backend)
+        if contradicts and url.kind == backend_origin.kind:
             raise SettingsError(
-                self.setting_name("expiration_time"),
-                f"expected a positive whole number of seconds, got {value!r}",
+                self.setting_name("backend"),
+                f"{backend!r} contradicts {self.setting_name('url')}, which means "
+                f"{url_backend!r}; set only one of them",
             )
-
-    def _check_limits(self) -> None:
-        for name in ("memory_max_entries", "max_value_bytes", "near_cache_max_entries"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SettingsError(
-                    self.setting_name(name), f"expected a whole number of at least 1, got {value!r}"
-                )
-        interval = self.breaker_interval
-        if isinstance(interval, bool) or not isinstance(interval, int | float) or interval < 0:
-            raise SettingsError(
-                self.setting_name("breaker_interval"),
-                f"expected 0 (off) or a positive number of seconds, got {interval!r}",
-            )
+        if url.kind < backend_origin.kind:
+            return backend, arguments, None
+        return url_backend, {**url_arguments, **arguments}, url
 
     def _check_near_cache(self) -> None:
         """Refuse a near cache the backend cannot keep coherent, at start-up, not per read."""
-        if not isinstance(self.near_cache, bool):
-            raise SettingsError(
-                self.setting_name("near_cache"), f"expected true or false, got {self.near_cache!r}"
-            )
-        if self.near_cache and self.enabled and self.backend != NEAR_CACHE_BACKEND:
+        if self.near_cache and self.enabled and not backends.backend_class(self.backend).near_cache:
             raise SettingsError(
                 self.setting_name("near_cache"),
-                f"needs a single Redis server ({NEAR_CACHE_BACKEND}, redis:// or rediss://) "
+                "needs a single Redis server (dogpile.cache.redis, redis:// or rediss://) "
                 f"whose client tracking keeps it coherent; the backend is {self.backend!r}",
             )
 
-    def _check_key_prefix(self) -> None:
-        prefix = self.key_prefix
-        if (
-            not isinstance(prefix, str)
-            or len(prefix) > MAX_KEY_PREFIX_LENGTH
-            or not _PREFIX_PATTERN.fullmatch(prefix)
-        ):
-            raise SettingsError(
-                self.setting_name("key_prefix"),
-                f"expected at most {MAX_KEY_PREFIX_LENGTH} printable ASCII characters without "
-                f"spaces, got {prefix!r}",
-            )
-
-    def _check_serializer_pair(self) -> None:
+    def _check_serializer(self) -> None:
         function_serializer = callable(self.serializer) and not hasattr(self.serializer, "dumps")
         if function_serializer != (self.deserializer is not None):
             raise SettingsError(
@@ -330,16 +334,12 @@ class CacheConfig:
                 "a serializer function and a deserializer function go together: pass both "
                 "(or pass a format object or name as serializer and no deserializer)",
             )
+        try:
+            resolve_format(self.serializer_spec)
+        except ValueError as error:
+            raise SettingsError(self.setting_name("serializer"), str(error)) from None
 
     def _check_models(self) -> None:
-        if not isinstance(self.models, Mapping) or not all(
-            isinstance(name, str) and isinstance(value, Mapping)
-            for name, value in self.models.items()
-        ):
-            raise SettingsError(
-                self.setting_name("models"),
-                'expected an object of objects keyed by model, e.g. {"users": {"ttl": 60}}',
-            )
         for name, overrides in self.models.items():
             for attribute, value in overrides.items():
                 problem = check_override(attribute, value)
@@ -347,11 +347,18 @@ class CacheConfig:
                     setting = f"{self.setting_name('models')}[{name}].{attribute}"
                     raise SettingsError(setting, problem)
 
-    def _check_serializer(self) -> None:
-        try:
-            resolve_format(self.serializer_spec)
-        except ValueError as error:
-            raise SettingsError(self.setting_name("serializer"), str(error)) from None
+    @property
+    def sources(self) -> Mapping[str, str]:
+        """Where each field came from, as ``declcache inspect`` shows it.
+
+        ``"DECLCACHE_BACKEND"``, ``"CacheConfig(backend=...)"`` or ``"default"``; a backend
+        and arguments a URL set show the URL's.
+        """
+        return MappingProxyType({name: str(origin) for name, origin in self.origins.items()})
+
+    def setting_name(self, field_name: str) -> str:
+        """The name a user set ``field_name`` by: its variable if from the environment."""
+        return self.origins[field_name].setting_name(field_name)
 
     @property
     def serializer_spec(self) -> Any:
@@ -373,25 +380,74 @@ class CacheConfig:
 
         Raises:
             SettingsError: a variable is invalid; the message names it.
+            TypeError: an override names no setting.
         """
-        unknown = set(overrides) - {item.name for item in dataclasses.fields(cls)}
-        if unknown:
-            raise TypeError(f"CacheConfig.from_env() got unknown arguments: {sorted(unknown)}")
         try:
             settings = CacheSettings()
         except ValidationError as error:
-            raise _validation_error(error) from None
-        values: dict[str, Any] = {}
-        sources: dict[str, str] = {}
-        for name in cls._FIELDS_FROM_ENV:
-            values[name] = getattr(settings, name)
-            sources[name] = _env_name(name) if name in settings.model_fields_set else "default"
-        for name, value in overrides.items():
-            values[name] = value
-            sources[name] = f"CacheConfig({name}=...)"
-        return cls(**values, sources=sources)
+            raise _settings_error(error, {}, OriginKind.ENVIRONMENT) from None
+        found = settings.model_fields_set.difference(overrides)
+        values = {name: getattr(settings, name) for name in found}
+        origins = {name: Origin(OriginKind.ENVIRONMENT, name) for name in found}
+        return cls._validated({**values, **overrides}, origins)
 
     def with_overrides(self, **changes: Any) -> Self:
-        """A copy with ``changes`` applied; their source is recorded as ``"argument"``."""
-        sources = {**self.sources, **{name: f"CacheConfig({name}=...)" for name in changes}}
-        return dataclasses.replace(self, **changes, sources=sources)
+        """A copy with ``changes`` applied as arguments; every other value keeps its origin."""
+        values = {
+            item.name: getattr(self, item.name) for item in dataclasses.fields(self) if item.init
+        }
+        kept = {name: origin for name, origin in self.origins.items() if name not in changes}
+        return self._validated({**values, **changes}, kept)
+
+    @classmethod
+    def _validated(cls, values: Mapping[str, Any], origins: Mapping[str, Origin]) -> Self:
+        """Validate ``values``; ``origins`` tells where those that are not arguments came from."""
+        try:
+            return TypeAdapter(cls).validate_python(values, context={_ORIGINS: origins})
+        except ValidationError as error:
+            raise _settings_error(error, origins, OriginKind.ARGUMENT) from None
+
+
+class _Environment(BaseSettings):
+    """Where the variables are found; the fields are CacheConfig's (see :data:`CacheSettings`)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+        validate_default=False,  # CacheConfig's defaults, which are not text (JSON) to decode
+    )
+
+
+def _variable(field: FieldInfo) -> tuple[Any, Any]:
+    """How pydantic-settings reads a field: its bare type from text, a mapping as JSON."""
+    annotation = field.annotation
+    if get_origin(annotation) is Mapping:  # decoded by pydantic, so a bad text names its variable
+        annotation = cast("Any", Json)[annotation]
+    return annotation, field.get_default(call_default_factory=True)
+
+
+def _variables(config: type) -> dict[str, Any]:
+    """Every field of ``config`` a variable can set, as pydantic-settings reads it."""
+    assert is_pydantic_dataclass(config)  # for the type checker: pydantic's fields are there
+    return {
+        name: _variable(field)
+        for name, field in config.__pydantic_fields__.items()
+        if field.init is not False and _ARGUMENT_ONLY not in field.metadata
+    }
+
+
+CacheSettings = create_model(
+    "CacheSettings",
+    __base__=_Environment,
+    __module__=__name__,
+    __doc__="""Every ``DECLCACHE_*`` variable, read from the environment and a ``.env`` file.
+
+    Generated from :class:`CacheConfig`'s fields: it turns each variable's text into the
+    field's type and checks nothing else. Build a config through :meth:`CacheConfig.from_env`,
+    which validates the values and names the variable of an invalid one.
+    """,
+    **_variables(CacheConfig),
+)

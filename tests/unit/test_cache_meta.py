@@ -4,7 +4,9 @@ Models are built on the ``base`` fixture (a fresh registry, disposed after the t
 bad CacheMeta makes ``configure_mappers()`` fail for every registry until it is disposed.
 """
 
+import ast
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +28,9 @@ from declcache import (
     DeclCacheError,
     ModelSpec,
     SettingsError,
+    _meta,
 )
+from declcache._meta import OPTIONS, FromSetting, check_override
 
 
 def origin(source: str) -> str:
@@ -632,3 +636,83 @@ def test_invalid_default_serializer_names_the_variable(
 
     with pytest.raises(SettingsError, match=r"^DECLCACHE_SERIALIZER: unknown serializer 'yaml'"):
         CacheManager(CacheConfig.from_env()).spec(user)
+
+
+# -- one table of options --------------------------------------------------------------------
+
+
+def test_the_spec_has_every_option_with_its_source_in_table_order(
+    base: type[DeclarativeBase],
+) -> None:
+    spec = spec_of(make_user(base, ttl=5))
+
+    assert list(spec.sources) == [option.name for option in OPTIONS]
+    for option in OPTIONS:
+        assert hasattr(spec, option.name), option.name
+        assert option.description, option.name
+
+
+def test_defaults_are_the_tables_or_the_setting_it_names(base: type[DeclarativeBase]) -> None:
+    config = CacheConfig(expiration_time=77, serializer="msgpack")
+
+    spec = spec_of(make_user(base, __doc__="Cached with every default."), config)
+
+    constants = {o.name: o.default for o in OPTIONS if not isinstance(o.default, FromSetting)}
+    settings = {o.name: o.default.field for o in OPTIONS if isinstance(o.default, FromSetting)}
+    assert constants == {"enabled": True, "key_fields": (), "cache_not_found": False}
+    assert settings == {"ttl": "expiration_time", "serializer": "serializer"}
+    assert (spec.enabled, spec.key_fields, spec.cache_not_found) == (True, (("id",),), False)
+    assert (spec.ttl, spec.serializer) == (77, "msgpack")
+    assert spec.sources == {
+        "ttl": "CacheConfig(expiration_time=...)",
+        "enabled": "default",
+        "serializer": "CacheConfig(serializer=...)",
+        "key_fields": "default",
+        "cache_not_found": "default",
+    }
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda option: option.name)
+def test_every_option_is_checked_in_cache_meta_and_in_overrides(
+    base: type[DeclarativeBase], option: _meta.Option
+) -> None:
+    invalid = object()
+
+    assert check_override(option.name, invalid) is not None
+    with pytest.raises(SettingsError) as settings_error:
+        CacheConfig(models={"users": {option.name: invalid}})
+    assert settings_error.value.setting == f"CacheConfig.models[users].{option.name}"
+    user = make_user(base, **{option.name: invalid})
+    with pytest.raises(CacheMetaError) as meta_error:
+        configure_mappers()
+    assert (meta_error.value.model, meta_error.value.attribute) == (user.__name__, option.name)
+
+
+def test_override_key_fields_of_a_wrong_shape_fail_at_start_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DECLCACHE_MODELS", '{"users": {"key_fields": [5]}}')
+
+    with pytest.raises(SettingsError) as excinfo:
+        CacheConfig.from_env()
+
+    assert excinfo.value.setting == "DECLCACHE_MODELS[users].key_fields"
+    assert "expected column attribute names, got 5" in str(excinfo.value)
+
+
+def test_override_key_fields_columns_are_checked_once_the_model_is_known() -> None:
+    assert check_override("key_fields", ["no_such_column"]) is None
+    assert check_override("key_fields", [["org", "slug"], "email"]) is not None
+
+
+def test_meta_does_not_import_the_settings() -> None:
+    tree = ast.parse(Path(_meta.__file__).read_text(encoding="utf-8"))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+
+    assert "declcache.settings" not in imported

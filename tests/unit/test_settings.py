@@ -7,6 +7,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from pydantic import BaseModel
 
 from declcache import (
     CacheConfig,
@@ -15,6 +16,7 @@ from declcache import (
     DeclCacheError,
     SettingsError,
 )
+from declcache.settings import Origin, OriginKind
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -247,6 +249,123 @@ def test_config_mappings_cannot_be_changed_after_validation() -> None:
         config.arguments["host"] = "b"  # type: ignore[index]
     with pytest.raises(TypeError):
         config.models["users"]["ttl"] = -1  # type: ignore[index]
+
+
+def test_unknown_argument_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="ttl"):
+        CacheConfig(ttl=5)  # type: ignore[call-arg]
+
+
+def test_config_as_a_field_of_a_pydantic_model() -> None:
+    class Application(BaseModel):
+        cache: CacheConfig
+
+    config = CacheConfig(key_prefix="app:")
+
+    assert Application(cache=config).cache is config
+    from_mapping = Application.model_validate({"cache": {"key_prefix": "other:"}}).cache
+    assert from_mapping.sources["key_prefix"] == "CacheConfig(key_prefix=...)"
+
+
+# -- where each value came from ----------------------------------------------------------------
+
+
+def test_origins_are_data_and_sources_are_rendered_from_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DECLCACHE_URL", "redis://h:6379/0")
+    monkeypatch.setenv("DECLCACHE_EXPIRATION_TIME", "60")
+
+    config = CacheConfig.from_env(key_prefix="app:")
+
+    assert config.origins["expiration_time"] == Origin(OriginKind.ENVIRONMENT, "expiration_time")
+    assert config.origins["key_prefix"] == Origin(OriginKind.ARGUMENT, "key_prefix")
+    assert config.origins["enabled"] == Origin(OriginKind.DEFAULT, "enabled")
+    url = Origin(OriginKind.ENVIRONMENT, "url")
+    assert config.origins["backend"] == config.origins["arguments"] == url
+    assert dict(config.sources) == {name: str(origin) for name, origin in config.origins.items()}
+    assert (config.setting_name("backend"), config.setting_name("key_prefix")) == (
+        "DECLCACHE_URL",
+        "CacheConfig.key_prefix",
+    )
+
+
+def test_origin_kinds_are_ordered_by_precedence() -> None:
+    assert OriginKind.DEFAULT < OriginKind.ENVIRONMENT < OriginKind.ARGUMENT
+
+
+def test_a_value_given_is_an_argument_even_when_it_equals_the_default() -> None:
+    config = CacheConfig(expiration_time=3600)
+
+    assert config.sources["expiration_time"] == "CacheConfig(expiration_time=...)"
+    assert config.sources["key_prefix"] == "default"
+
+
+def test_a_variable_set_to_the_default_is_still_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DECLCACHE_KEY_PREFIX", "dc:")
+
+    assert CacheConfig.from_env().sources["key_prefix"] == "DECLCACHE_KEY_PREFIX"
+
+
+def test_positional_arguments_are_arguments_too() -> None:
+    config = CacheConfig("dogpile.cache.null", 60)
+
+    assert (config.backend, config.expiration_time) == ("dogpile.cache.null", 60)
+    assert config.sources["backend"] == "CacheConfig(backend=...)"
+    assert config.sources["expiration_time"] == "CacheConfig(expiration_time=...)"
+
+
+def test_equal_values_from_different_origins_are_equal_configs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DECLCACHE_KEY_PREFIX", "app:")
+
+    assert CacheConfig.from_env() == CacheConfig(key_prefix="app:")
+    assert "origins" not in repr(CacheConfig())
+
+
+def test_with_overrides_of_a_config_a_url_made_keeps_the_url_as_source(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DECLCACHE_URL", "redis://h:6379/0")
+
+    config = CacheConfig.from_env().with_overrides(key_prefix="copy:")
+
+    assert (config.backend, dict(config.arguments)) == (
+        "dogpile.cache.redis",
+        {"host": "h", "port": 6379, "db": 0},
+    )
+    assert config.sources["backend"] == config.sources["arguments"] == "DECLCACHE_URL"
+
+
+# -- CacheSettings, generated from CacheConfig -------------------------------------------------
+
+
+def test_cache_settings_has_a_variable_for_every_field_but_the_function() -> None:
+    fields = {item.name for item in dataclasses.fields(CacheConfig) if item.init}
+    settings = CacheSettings()
+
+    assert set(CacheSettings.model_fields) == fields - {"deserializer"}
+    assert {name: getattr(settings, name) for name in CacheSettings.model_fields} == {
+        name: getattr(CacheConfig(), name) for name in CacheSettings.model_fields
+    }
+
+
+def test_cache_settings_only_reads_and_cache_config_checks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DECLCACHE_EXPIRATION_TIME", "-5")
+    monkeypatch.setenv("DECLCACHE_ARGUMENTS", '{"db": 2}')
+
+    settings = CacheSettings()
+
+    assert (settings.expiration_time, settings.arguments) == (-5, {"db": 2})
+    assert settings.model_fields_set == {"expiration_time", "arguments"}
+    with pytest.raises(SettingsError) as excinfo:
+        CacheConfig.from_env()
+    assert excinfo.value.setting == "DECLCACHE_EXPIRATION_TIME"
 
 
 # -- backends, aliases -------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""Every private API of another library that declcache relies on, in one place.
+
+Each was chosen over a public alternative for a reason given beside it (speed on the hit path,
+or no public way at all). A new release of SQLAlchemy, dogpile.cache or redis-py may move any
+of them, so ``tests/unit/test_private_apis.py`` calls each one against the installed versions
+and fails, naming it, when one is gone. Nothing else in the package touches a private name of
+another library.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.util import await_only
+from sqlalchemy.util.concurrency import in_greenlet
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sqlalchemy.orm import Session
+    from sqlalchemy.sql import ClauseElement
+    from sqlalchemy.sql.cache_key import CacheKey
+
+__all__ = [
+    "await_only",
+    "dbm_opener",
+    "in_greenlet",
+    "resp3_parser",
+    "session_is_clean",
+    "socket_of",
+    "statement_cache_key",
+]
+
+# ``in_greenlet``/``await_only`` (SQLAlchemy's asyncio bridge): the session listeners run
+# inside the greenlet of an ``AsyncSession`` and await the commit's invalidation there.
+
+
+def session_is_clean(session: Session) -> bool:
+    """Whether ``session`` holds no new, dirty or deleted instance.
+
+    ``Session._is_clean()`` is one check of three internal collections; the public
+    ``session.new``/``dirty``/``deleted`` each build a set, and every cached read asks.
+    """
+    clean: bool = session._is_clean()
+    return clean
+
+
+def statement_cache_key(statement: ClauseElement) -> CacheKey | None:
+    """SQLAlchemy's own cache key of ``statement``: its shape, and its bound values apart.
+
+    No public API gives it; it spares compiling a statement whose shape was seen before.
+    """
+    return statement._generate_cache_key()
+
+
+def dbm_opener(backend: Any) -> Callable[[bool], Any]:
+    """Dogpile's ``DBMBackend._dbm_file(write)``: the file opened under its read/write lock.
+
+    The only way to run several steps (compare, then set) inside one hold of dogpile's lock.
+    """
+    opener: Callable[[bool], Any] = backend._dbm_file
+    return opener
+
+
+def resp3_parser(client: str) -> type:
+    """redis-py's (or valkey-py's) pure-Python RESP3 parser class.
+
+    The near cache's tracking connection needs its push handling (a push read with
+    ``push_request=True`` is returned, a partly received one rewound); the default parser
+    class may be the C one, which handles pushes differently.
+    """
+    if client == "valkey":
+        from valkey._parsers import _RESP3Parser as ValkeyParser  # noqa: PLC0415
+
+        return ValkeyParser
+    from redis._parsers import _RESP3Parser as RedisParser  # noqa: PLC0415
+
+    return RedisParser
+
+
+def socket_of(connection: Any) -> Any:
+    """The socket of a redis-py connection, or ``None``: polled without redis-py's 3 syscalls."""
+    return getattr(connection, "_sock", None)

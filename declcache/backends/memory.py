@@ -1,0 +1,171 @@
+"""``dogpile.cache.memory``: a dict in this process, bounded, guarded by a lock for atomic steps.
+
+dogpile's memory backend keeps whatever it is given as ``cache_dict`` forever; a long-running
+process caching a large table would grow without end. declcache hands it a
+:class:`BoundedDict` of ``DECLCACHE_MEMORY_MAX_ENTRIES`` entries instead (unless the arguments
+name a ``cache_dict`` of their own), shared by every model of one manager.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+import cachetools
+
+from declcache.backends._base import Backend
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, MutableMapping, Sequence
+
+    from dogpile.cache.region import CacheRegion
+
+    from declcache._api import Swap, Write
+    from declcache.backends._base import BackendSettings
+
+__all__ = ["BoundedDict", "Memory", "MemoryStore"]
+
+
+class BoundedDict(cachetools.LRUCache[str, Any]):
+    """cachetools' LRU cache, safe between threads, that counts what it drops.
+
+    A read or write makes a key the most recently used; a write beyond ``maxsize`` keys drops
+    the least recently used one first, so the bound holds at every moment.
+
+    Args:
+        maxsize: how many keys it keeps.
+
+    Raises:
+        ValueError: ``maxsize`` is less than 1.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError(f"max_entries must be at least 1, got {maxsize}")
+        super().__init__(maxsize)
+        self._lock = threading.RLock()
+        self.evictions = 0
+
+    @property
+    def max_entries(self) -> int:
+        """How many keys it keeps."""
+        return int(self.maxsize)
+
+    def __getitem__(self, key: str) -> Any:
+        with self._lock:
+            return super().__getitem__(key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        with self._lock:
+            super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        with self._lock:
+            super().__delitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return super().__contains__(key)
+
+    def __iter__(self) -> Iterator[str]:
+        with self._lock:
+            return iter(list(super().__iter__()))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of ``key`` (now the most recently used), or ``default``.
+
+        One lookup under the lock, not cachetools' ``in`` then ``[]``: every hit calls it.
+        """
+        with self._lock:
+            try:
+                return cachetools.LRUCache.__getitem__(self, key)
+            except KeyError:
+                return default
+
+    def pop(self, key: str, *default: Any) -> Any:
+        """Remove ``key`` and return its value (or ``default`` when given and absent)."""
+        with self._lock:
+            return super().pop(key, *default)
+
+    def popitem(self) -> tuple[str, Any]:
+        """Drop the least recently used key: how the bound is kept, hence counted."""
+        with self._lock:
+            item = super().popitem()
+            self.evictions += 1
+            return item
+
+
+class MemoryStore:
+    """The dict behind dogpile's memory backend, guarded by one lock for the atomic steps."""
+
+    def __init__(self, data: MutableMapping[str, Any]) -> None:
+        self._data = data
+        self._lock = threading.Lock()
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Plain reads: each one atomic."""
+        get = self._data.get
+        return [get(key) for key in keys]
+
+    def write_many(self, entries: Sequence[Write]) -> None:
+        """Write under the lock so a concurrent compare-and-set sees all or nothing."""
+        with self._lock:
+            for key, value, _ in entries:
+                self._data[key] = value
+
+    def add(self, key: str, value: bytes, ttl: int) -> bool:  # noqa: ARG002
+        """Set if absent, under the lock."""
+        with self._lock:
+            if key in self._data:
+                return False
+            self._data[key] = value
+            return True
+
+    def compare_and_set(self, swaps: Sequence[Swap], ttl: int) -> list[bool]:  # noqa: ARG002
+        """Compare and set each key, under the lock."""
+        results = []
+        with self._lock:
+            for key, expected, new in swaps:
+                matches = self._data.get(key) == expected
+                if matches:
+                    self._data[key] = new
+                results.append(matches)
+        return results
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove under the lock."""
+        with self._lock:
+            for key in keys:
+                self._data.pop(key, None)
+
+    def reset_connections(self) -> None:
+        """Nothing to reset: there is no connection."""
+
+
+class Memory(Backend):
+    """``dogpile.cache.memory``: per process, never blocks."""
+
+    blocking = False
+
+    def __init__(self, name: str, arguments: Any, settings: BackendSettings) -> None:
+        super().__init__(name, arguments, settings)
+        given = self.arguments.get("cache_dict")
+        self.data: MutableMapping[str, Any] = (
+            given if given is not None else BoundedDict(settings.memory_max_entries)
+        )
+        self._store = MemoryStore(self.data)
+
+    @classmethod
+    def parse_url(cls, url: str) -> dict[str, Any]:
+        """``memory://``: no arguments."""
+        del url
+        return {}
+
+    def region_arguments(self, ttl: int, first: CacheRegion | None) -> dict[str, Any]:
+        """Every region of this manager stores into the one bounded dict."""
+        return {**super().region_arguments(ttl, first), "cache_dict": self.data}
+
+    def store(self, region: CacheRegion) -> MemoryStore:
+        """Atomic steps on the shared dict: one store, one lock, for every model."""
+        del region
+        return self._store

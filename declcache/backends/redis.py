@@ -1,0 +1,486 @@
+"""Redis: a single server, a Cluster, or the master a Sentinel group names (``redis-py``).
+
+Atomic steps on the region's own client: ``MGET``, ``SET NX EX``, one non-transactional
+pipeline per batch of writes, and a Lua compare-and-set. A single server also gets a native
+async store on ``redis.asyncio`` (one client per event loop, mirroring the sync connection);
+Cluster and Sentinel route or elect the server per call, which their sync clients do, in a
+worker thread. :mod:`declcache.backends.valkey` is the same family on the ``valkey`` client.
+
+declcache adds to the user's arguments: 0.5 s socket timeouts and no retries (a dead cache
+must cost milliseconds, and a fault falls back to the database), a server-side expiry of
+ttl + 60 s on every key, and one connection pool shared by every model's region.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import weakref
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import unquote, urlsplit
+
+from declcache.backends import _urls
+from declcache.backends._base import SERVER_EXPIRY_GRACE, Backend
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import ModuleType
+
+    from dogpile.cache.region import CacheRegion
+
+    from declcache._api import AsyncStore, Store, Swap, Write
+
+__all__ = [
+    "AsyncRedisStore",
+    "ClusterStore",
+    "Redis",
+    "RedisCluster",
+    "RedisSentinel",
+    "RedisStore",
+]
+
+#: Socket timeouts unless configured: a dead cache must cost milliseconds, not minutes.
+DEFAULT_REDIS_TIMEOUT = 0.5
+
+_COMPARE_AND_SET = """
+local results = {}
+local ttl = ARGV[#ARGV]
+for i, key in ipairs(KEYS) do
+  local expected = ARGV[2 * i - 1]
+  local current = redis.call('GET', key)
+  if (current == false and expected == '') or current == expected then
+    redis.call('SET', key, ARGV[2 * i], 'EX', ttl)
+    results[i] = 1
+  else
+    results[i] = 0
+  end
+end
+return results
+"""
+
+
+def _script_call(swaps: Sequence[Swap], ttl: int) -> dict[str, Any]:
+    """The keys and arguments of one compare-and-set script call (an absent value is ``''``)."""
+    args: list[bytes | int] = []
+    for _, expected, new in swaps:
+        args += [expected if expected is not None else b"", new]
+    args.append(ttl)
+    return {"keys": [key for key, _, _ in swaps], "args": args}
+
+
+class RedisStore:
+    """One Redis server (or the master Sentinel names) through the region's client."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self._script = client.register_script(_COMPARE_AND_SET)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """One ``MGET``."""
+        values: list[bytes | None] = self._client.mget(keys)
+        return values
+
+    def write_many(self, entries: Sequence[Write]) -> None:
+        """``SET EX`` for every entry in one non-transactional pipeline: one round trip.
+
+        On a cluster, redis-py's cluster pipeline sends one batch per node instead.
+        """
+        pipe = self._client.pipeline(transaction=False)
+        for key, value, ttl in entries:
+            pipe.set(key, value, ex=ttl)
+        pipe.execute()
+
+    def add(self, key: str, value: bytes, ttl: int) -> bool:
+        """``SET key value NX EX ttl``."""
+        return bool(self._client.set(key, value, nx=True, ex=ttl))
+
+    def compare_and_set(self, swaps: Sequence[Swap], ttl: int) -> list[bool]:
+        """One script call for every swap."""
+        return [bool(flag) for flag in self._script(**_script_call(swaps, ttl))]
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """One ``DEL``."""
+        self._client.delete(*keys)
+
+    def reset_connections(self) -> None:
+        """Close every pooled connection; each reconnects on its next use."""
+        self._client.connection_pool.disconnect()
+
+
+class ClusterStore(RedisStore):
+    """Redis Cluster: a script or a ``DEL`` runs on keys of one slot, so one call per key."""
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """One ``MGET`` per slot, in the order of ``keys``."""
+        values: list[bytes | None] = self._client.mget_nonatomic(list(keys))
+        return values
+
+    def compare_and_set(self, swaps: Sequence[Swap], ttl: int) -> list[bool]:
+        """One script call per key."""
+        one_by_one = super().compare_and_set
+        return [flag for swap in swaps for flag in one_by_one([swap], ttl)]
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """One ``DEL`` per key."""
+        for key in keys:
+            self._client.delete(key)
+
+    def reset_connections(self) -> None:
+        """Close the connections to every node."""
+        self._client.disconnect_connection_pools()
+
+
+class AsyncRedisStore:
+    """The same operations on ``redis.asyncio``: one client per event loop, never blocking.
+
+    redis.asyncio connections belong to the loop that opened them, so each loop gets its own
+    client, made like the sync pool's connections (address, credentials, TLS, timeouts).
+
+    Args:
+        asyncio_module: ``redis.asyncio`` (or ``valkey.asyncio``).
+        connection_class: the async connection class matching the sync one.
+        connection_kwargs: the sync pool's connection arguments this class accepts.
+    """
+
+    def __init__(
+        self, asyncio_module: ModuleType, connection_class: type, connection_kwargs: dict[str, Any]
+    ) -> None:
+        self._module = asyncio_module
+        self._connection_class = connection_class
+        self._connection_kwargs = connection_kwargs
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[Any, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _client(self) -> tuple[Any, Any]:
+        """The running loop's client and its compare-and-set script."""
+        loop = asyncio.get_running_loop()
+        found = self._clients.get(loop)
+        if found is None:
+            pool = self._module.ConnectionPool(
+                connection_class=self._connection_class, **self._connection_kwargs
+            )
+            client = self._module.Redis(connection_pool=pool)
+            found = self._clients[loop] = (client, client.register_script(_COMPARE_AND_SET))
+        return found
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """One ``MGET``."""
+        values: list[bytes | None] = await self._client()[0].mget(keys)
+        return values
+
+    async def write_many(self, entries: Sequence[Write]) -> None:
+        """``SET EX`` for every entry in one non-transactional pipeline."""
+        pipe = self._client()[0].pipeline(transaction=False)
+        for key, value, ttl in entries:
+            pipe.set(key, value, ex=ttl)
+        await pipe.execute()
+
+    async def add(self, key: str, value: bytes, ttl: int) -> bool:
+        """``SET key value NX EX ttl``."""
+        return bool(await self._client()[0].set(key, value, nx=True, ex=ttl))
+
+    async def compare_and_set(self, swaps: Sequence[Swap], ttl: int) -> list[bool]:
+        """One script call for every swap."""
+        script = self._client()[1]
+        return [bool(flag) for flag in await script(**_script_call(swaps, ttl))]
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """One ``DEL``."""
+        await self._client()[0].delete(*keys)
+
+    async def reset_connections(self) -> None:
+        """Close the running loop's pooled connections; each reconnects on its next use."""
+        await self._client()[0].connection_pool.disconnect()
+
+    async def aclose(self) -> None:
+        """Close the running loop's client; forget the other loops' (they close with them)."""
+        found = self._clients.pop(asyncio.get_running_loop(), None)
+        self._clients.clear()
+        if found is not None:  # the pool was handed to the client, which leaves it open
+            await found[0].connection_pool.disconnect()
+
+    def forget(self) -> None:
+        """Drop every loop's client without awaiting it: for a close outside any loop."""
+        self._clients.clear()
+
+
+#: The sync connection's arguments the async one takes over (besides ``ssl_*``): where and
+#: as whom to connect, and how long to wait. Not its helper objects, which are sync-only.
+_MIRRORED = frozenset(
+    {
+        "host",
+        "port",
+        "path",
+        "db",
+        "username",
+        "password",
+        "credential_provider",
+        "client_name",
+        "protocol",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "socket_keepalive_options",
+        "health_check_interval",
+    }
+)
+
+
+def _parameters(connection_class: type) -> set[str]:
+    """Every keyword the connection class (and the classes it extends) accepts."""
+    names: set[str] = set()
+    for cls in connection_class.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            names |= {
+                parameter.name
+                for parameter in inspect.signature(init).parameters.values()
+                if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+                or parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+            }
+    names.discard("self")
+    return names
+
+
+def _node(node: Any) -> tuple[str, int]:
+    """``"host:port"``, ``[host, port]`` or ``{"host": …, "port": …}`` as a pair."""
+    if isinstance(node, str):
+        host, _, port = node.rpartition(":")
+        return host.strip("[]"), int(port)
+    if isinstance(node, dict):
+        return str(node["host"]), int(node["port"])
+    host, port = node
+    return str(host), int(port)
+
+
+class Redis(Backend):
+    """``dogpile.cache.redis``: one server; regions share one pool; async natively.
+
+    Subclasses name another client package with the same API (``valkey``) and its dogpile
+    expiry argument.
+    """
+
+    near_cache = True
+    #: The client package: ``redis`` (redis-py) or a fork with its API.
+    client: ClassVar[str] = "redis"
+    #: dogpile's argument for the server-side expiry of every key.
+    expiration_argument: ClassVar[str] = "redis_expiration_time"
+    #: The URL scheme that means TLS.
+    tls_scheme: ClassVar[str] = "rediss"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._async_stores: list[tuple[Any, AsyncRedisStore]] = []  # (sync pool, its async twin)
+
+    @classmethod
+    def parse_url(cls, url: str) -> dict[str, Any]:
+        """``redis://[user:password@]host[:port][/db][?option=value]``; ``rediss://`` is TLS."""
+        parts = urlsplit(url)
+        if not parts.hostname:
+            raise ValueError(f"no host in {url!r}")
+        arguments: dict[str, Any] = {"host": parts.hostname, "port": parts.port or 6379}
+        db_text = parts.path.strip("/")
+        if db_text:
+            arguments["db"] = _urls.whole_number(db_text, "database", "redis://host:port/DB")
+        if parts.username:
+            arguments["username"] = unquote(parts.username)
+        if parts.password:
+            arguments["password"] = unquote(parts.password)
+        if parts.scheme.lower() == cls.tls_scheme:
+            arguments["ssl"] = True
+        return {**arguments, **_urls.options(parts.query)}
+
+    def _module(self, name: str = "") -> ModuleType:
+        return importlib.import_module(f"{self.client}.{name}" if name else self.client)
+
+    def _without_retries(self, connection_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Connection arguments with the client's retries turned off unless the user set some.
+
+        redis-py retries a failed command three times with backoff: seconds per call on a
+        dead server. declcache falls back to the database instead, so one attempt is enough.
+        """
+        if "retry" in connection_kwargs:
+            return connection_kwargs
+        retry = self._module("retry").Retry(self._module("backoff").NoBackoff(), 0)
+        return {**connection_kwargs, "retry": retry}
+
+    def region_arguments(self, ttl: int, first: CacheRegion | None) -> dict[str, Any]:
+        """Timeouts, no retries, server expiry; the first region's pool for the next ones."""
+        result = super().region_arguments(ttl, first)
+        result.setdefault(self.expiration_argument, ttl + SERVER_EXPIRY_GRACE)
+        result.setdefault("socket_timeout", DEFAULT_REDIS_TIMEOUT)
+        result.setdefault("socket_connect_timeout", DEFAULT_REDIS_TIMEOUT)
+        result["connection_kwargs"] = self._without_retries(result.get("connection_kwargs", {}))
+        if result.get("distributed_lock"):
+            # The async repository takes and releases a lock in two worker threads: a
+            # thread-local lock token would make the release fail (dogpile warns the same).
+            result.setdefault("thread_local_lock", False)
+        return self._shared(result, first)
+
+    def _shared(self, arguments: dict[str, Any], first: CacheRegion | None) -> dict[str, Any]:
+        """Reuse the first region's connection pool, unless a URL or a pool is given."""
+        if first is None or "url" in arguments or "connection_pool" in arguments:
+            return arguments
+        return {**arguments, "connection_pool": first.backend.writer_client.connection_pool}
+
+    def store(self, region: CacheRegion) -> Store:
+        """Atomic steps on the region's client."""
+        return RedisStore(region.backend.writer_client)
+
+    def tracking_pool(self, region: CacheRegion) -> Any:
+        """The pool whose connection arguments (address, AUTH, TLS) the near cache reuses."""
+        return region.backend.writer_client.connection_pool
+
+    def async_store(self, region: CacheRegion, store: Store) -> AsyncStore:
+        """The async twin of the region's pool (one per pool), or the thread adapter.
+
+        The adapter serves a connection kind the async client has no counterpart for.
+        """
+        pool = region.backend.writer_client.connection_pool
+        for known, found in self._async_stores:
+            if known is pool:
+                return found
+        native = self._native_async_store(pool)
+        if native is None:
+            return super().async_store(region, store)
+        self._async_stores.append((pool, native))
+        return native
+
+    def _native_async_store(self, pool: Any) -> AsyncRedisStore | None:
+        sync_module, async_module = self._module(), self._module("asyncio")
+        counterparts = {
+            sync_module.Connection: async_module.Connection,
+            sync_module.SSLConnection: async_module.SSLConnection,
+            sync_module.UnixDomainSocketConnection: async_module.UnixDomainSocketConnection,
+        }
+        connection_class = counterparts.get(pool.connection_class)
+        if connection_class is None:
+            return None
+        accepted = _parameters(connection_class)
+        kwargs = {
+            name: value
+            for name, value in pool.connection_kwargs.items()
+            if name in accepted and (name in _MIRRORED or name.startswith("ssl_"))
+        }
+        no_backoff = self._module("backoff").NoBackoff()
+        kwargs["retry"] = self._module("asyncio.retry").Retry(no_backoff, 0)  # one attempt
+
+        return AsyncRedisStore(async_module, connection_class, kwargs)
+
+    async def aclose(self) -> None:
+        """Close the running loop's async connections of every pool."""
+        for _, found in self._async_stores:
+            await found.aclose()
+
+    def forget_async(self) -> None:
+        """Drop every loop's async connections without awaiting them."""
+        for _, found in self._async_stores:
+            found.forget()
+
+
+#: What dogpile's cluster backend ignores unless it is in ``connection_kwargs``.
+_CLUSTER_CONNECTION_ARGUMENTS = (
+    "socket_timeout",
+    "socket_connect_timeout",
+    "username",
+    "password",
+    "ssl",
+)
+
+
+class RedisCluster(Redis):
+    """``dogpile.cache.redis_cluster``: any node of a cluster; keys routed per slot."""
+
+    near_cache = False
+
+    @classmethod
+    def parse_url(cls, url: str) -> dict[str, Any]:
+        """``redis+cluster://[user:password@]host:port[,host:port][?option=value]``."""
+        rest = url.split("://", 1)[1]
+        netloc, _, query = rest.partition("?")
+        netloc, arguments = _urls.credentials(netloc.split("/", 1)[0])
+        example = "redis+cluster://host:port[,host:port]"
+        arguments["startup_nodes"] = _urls.nodes(netloc, 6379, example)
+        return {**arguments, **_urls.options(query)}
+
+    def region_arguments(self, ttl: int, first: CacheRegion | None) -> dict[str, Any]:
+        """Startup nodes as ``ClusterNode`` objects; timeouts where the cluster client reads them.
+
+        dogpile's cluster backend builds its client from ``url`` or ``startup_nodes`` and
+        ``connection_kwargs`` alone, so timeouts and credentials must travel in the latter.
+        """
+        arguments = super().region_arguments(ttl, first)
+        cluster_node = self._module("cluster").ClusterNode
+        nodes = arguments.get("startup_nodes")
+        if nodes is not None:
+            arguments["startup_nodes"] = [
+                node if isinstance(node, cluster_node) else cluster_node(*_node(node))
+                for node in nodes
+            ]
+        connection_kwargs = dict(arguments["connection_kwargs"])
+        for name in _CLUSTER_CONNECTION_ARGUMENTS:
+            if arguments.get(name) is not None:
+                connection_kwargs.setdefault(name, arguments[name])
+        arguments["connection_kwargs"] = connection_kwargs
+        return arguments
+
+    def _shared(self, arguments: dict[str, Any], first: CacheRegion | None) -> dict[str, Any]:
+        """Each region keeps its own cluster client."""
+        del first
+        return arguments
+
+    def store(self, region: CacheRegion) -> Store:
+        """One call per key where a call must stay within one slot."""
+        return ClusterStore(region.backend.writer_client)
+
+    def async_store(self, region: CacheRegion, store: Store) -> AsyncStore:
+        """The sync cluster client in a worker thread: it routes each key to its node."""
+        return Backend.async_store(self, region, store)
+
+
+class RedisSentinel(Redis):
+    """``dogpile.cache.redis_sentinel``: the master a group of Sentinels names."""
+
+    near_cache = False
+
+    @classmethod
+    def parse_url(cls, url: str) -> dict[str, Any]:
+        """``redis+sentinel://[user:password@]host:port[,host:port]/service[/db]``."""
+        rest = url.split("://", 1)[1]
+        location, _, query = rest.partition("?")
+        netloc, _, path = location.partition("/")
+        netloc, arguments = _urls.credentials(netloc)
+        example = "redis+sentinel://host:port[,host:port]/service[/db]"
+        arguments["sentinels"] = _urls.nodes(netloc, 26379, example)
+        service, _, db_text = path.strip("/").partition("/")
+        if not service:
+            raise ValueError(f"no service name in {url!r}; expected {example}")
+        arguments["service_name"] = unquote(service)
+        if db_text:
+            arguments["db"] = _urls.whole_number(db_text, "database", example)
+        return {**arguments, **_urls.options(query)}
+
+    def region_arguments(self, ttl: int, first: CacheRegion | None) -> dict[str, Any]:
+        """Sentinels as ``(host, port)`` pairs, asked with the same short timeouts."""
+        arguments = super().region_arguments(ttl, first)
+        sentinels = arguments.get("sentinels")
+        if sentinels is not None:
+            arguments["sentinels"] = [_node(node) for node in sentinels]
+        sentinel_kwargs = dict(arguments.get("sentinel_kwargs", {}))
+        sentinel_kwargs.setdefault("socket_timeout", arguments["socket_timeout"])
+        sentinel_kwargs.setdefault("socket_connect_timeout", arguments["socket_connect_timeout"])
+        arguments["sentinel_kwargs"] = sentinel_kwargs
+        # dogpile turns its region-level lock on for Sentinel; declcache decides that itself.
+        arguments.setdefault("distributed_lock", False)
+        return arguments
+
+    def _shared(self, arguments: dict[str, Any], first: CacheRegion | None) -> dict[str, Any]:
+        """Each region asks the Sentinels for the master itself."""
+        del first
+        return arguments
+
+    def async_store(self, region: CacheRegion, store: Store) -> AsyncStore:
+        """The sync client in a worker thread: the Sentinels elect the server per call."""
+        return Backend.async_store(self, region, store)

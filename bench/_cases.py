@@ -157,7 +157,7 @@ def _row_values(account: Account) -> list[Any]:
 
 def floor_case(stack: Stack, backend: str, rows: list[Account]) -> Case:
     """Raw dogpile ``region.get`` of the serialized row, decoded into a detached instance."""
-    from declcache._backends import BytesOnlySerde
+    from declcache.backends.memcached import BytesOnlySerde
 
     name, arguments = _env.cache_backend(backend)
     if backend == "memcached":
@@ -256,7 +256,7 @@ def _undecoded_hit_case(stack: Stack, backend: str, db: str) -> Case:
         "layers",
         f"repo.get {backend} {db} sync, payload new to this process",
         run=run,
-        before=lambda _ident: cache._entries.clear(),
+        before=lambda _ident: cache.payloads.clear(),
     )
 
 

@@ -36,19 +36,19 @@ def steps(stack: Stack, db: str) -> list[tuple[str, Callable[[int], Any] | None]
     """The hit path cut into the steps it runs, each callable on its own."""
     import json
 
-    from declcache import _manager, _wire
+    from declcache import _payload
 
     manager = stack.manager("memory", f"steps-{db}")
     sessions = stack.sessions(db, manager)
     _cases.warm(sessions)
     cache = manager._cache(_env.Account)
     assert cache is not None
-    keys = {i: cache.ident_key(i)[1] for i in range(1, _env.ROWS + 1)}
-    raws = {i: cache.store.get_many([cache.generation_key, keys[i]]) for i in keys}
-    generation = _manager._parse_token(raws[1][0])
+    keys = {i: cache.keys.of_ident(i)[1] for i in range(1, _env.ROWS + 1)}
+    raws = {i: cache.store.get_many([cache.keys.generation_key, keys[i]]) for i in keys}
+    generation = cache.payloads.token(raws[1][0])
     assert generation is not None
-    payloads = {i: _wire.unwrap(raws[i][1])[1] for i in keys}
-    entries = {i: cache.parse(raws[i][1], generation) for i in keys}
+    payloads = {i: _payload.unwrap(raws[i][1])[1] for i in keys}
+    entries = {i: cache.current(raws[i][1], generation) for i in keys}
     bodies = {i: entry.body for i, entry in entries.items() if entry is not None}
     rows = {i: cache.codec.decode_row(bodies[i]) for i in keys}
     instances = {i: cache.codec.build(rows[i]) for i in keys}
@@ -64,18 +64,24 @@ def steps(stack: Stack, db: str) -> list[tuple[str, Callable[[int], Any] | None]
         ("AccountRepository(session=...)", lambda _i: _cases.AccountRepository(session=session)),
         ("repo._cache_for (is_cached + _is_writing)", lambda _i: repository._cache_for(True)),
         ("repo._held (identity-map probe)", repository._held),
-        ("cache.ident_key (normalise + quote)", cache.ident_key),
+        ("cache.keys.of_ident (normalise + quote)", cache.keys.of_ident),
         (
             "store.get_many([generation, key])",
-            lambda i: cache.store.get_many([cache.generation_key, keys[i]]),
+            lambda i: cache.store.get_many([cache.keys.generation_key, keys[i]]),
         ),
-        ("cache.token (remembered generation token)", lambda i: cache.token(raws[i][0])),
-        ("  _parse_token (what a new token costs)", lambda i: _manager._parse_token(raws[i][0])),
         (
-            "cache.parse (remembered payload + checks)",
-            lambda i: cache.parse(raws[i][1], generation),
+            "payloads.token (remembered generation token)",
+            lambda i: cache.payloads.token(raws[i][0]),
         ),
-        ("  _wire.unwrap (what a new payload costs…)", lambda i: _wire.unwrap(raws[i][1])),
+        (
+            "  unwrap + decode (what a new token costs)",
+            lambda i: _payload.unwrap(raws[i][0])[1].decode(),
+        ),
+        (
+            "cache.current (remembered payload + checks)",
+            lambda i: cache.current(raws[i][1], generation),
+        ),
+        ("  unwrap (what a new payload costs…)", lambda i: _payload.unwrap(raws[i][1])),
         ("  json.loads(payload) (…and this)", lambda i: json.loads(payloads[i])),
         ("  codec.decode_row (…and this)", lambda i: cache.codec.decode_row(bodies[i])),
         ("codec.build (detached instance of a decoded row)", lambda i: cache.codec.build(rows[i])),

@@ -6,7 +6,7 @@ the cache.
 """
 
 from declcache._api import Lookup
-from declcache._invalidation import setup_cache_listeners
+from declcache._listeners import setup_cache_listeners
 from declcache._manager import CacheManager
 from declcache._meta import ModelSpec
 from declcache._stats import ModelStats

@@ -7,7 +7,8 @@ and queues invalidations for replay). Then it is *half-open*: exactly one call g
 as a probe; success *closes* it, a fault opens it for another interval. Each state change is
 logged once, under ``declcache.breaker``.
 
-:class:`GuardedStore` applies one manager's breaker to each model's store.
+:class:`GuardedStore` and :class:`AsyncGuardedStore` put one manager's breaker in front of each
+model's sync and async store: one breaker serves both, through :meth:`Breaker.attempt`.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Sequence
+    from types import TracebackType
 
-    from declcache._store import Store, Swap
+    from declcache._api import AsyncStore, Store, Swap, Write
 
 __all__ = [
-    "DEFAULT_BREAKER_INTERVAL",
+    "AsyncGuardedStore",
     "BackendUnavailable",
     "Breaker",
     "BreakerStats",
@@ -32,9 +34,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("declcache.breaker")
-
-#: Seconds the backend is left alone after a fault unless configured.
-DEFAULT_BREAKER_INTERVAL = 1.0
 
 State = Literal["closed", "open", "half-open"]
 
@@ -91,6 +90,19 @@ class Breaker:
         """A snapshot of the state and counters."""
         with self._lock:
             return BreakerStats(self._state, self._opened, self._refused)
+
+    def attempt(self) -> Attempt:
+        """One backend call, admitted: ``with breaker.attempt() as probing: call()``.
+
+        Raises:
+            BackendUnavailable: the breaker is open; the backend must not be called.
+        """
+        if self._state == "closed":  # nearly always: no lock, no second look
+            return Attempt(self, self._clock(), probing=False)
+        admitted = self.admit()
+        if admitted is None:
+            raise BackendUnavailable("circuit breaker open: cache backend not called")
+        return Attempt(self, self._clock(), probing=admitted == "probe")
 
     def allow(self) -> bool:
         """Whether a call may go to the backend now (at most one probe when half-open)."""
@@ -158,12 +170,44 @@ class Breaker:
             )
 
 
+class Attempt:
+    """One admitted backend call; its outcome closes or opens the breaker.
+
+    Entering gives whether the call is the half-open breaker's probe: the caller then resets
+    its pooled connections first, as they may lead to a server since restarted (each stale
+    connection would fail once after the backend returned, opening the breaker each time).
+    """
+
+    __slots__ = ("_breaker", "_probing", "_started")
+
+    def __init__(self, breaker: Breaker, started: float, *, probing: bool) -> None:
+        self._breaker = breaker
+        self._started = started
+        self._probing = probing
+
+    def __enter__(self) -> bool:
+        return self._probing
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        breaker = self._breaker
+        if error is None:
+            if breaker._state != "closed":
+                breaker.succeeded(self._started)
+        elif isinstance(error, Exception):
+            breaker.failed(error, self._started)
+
+
 class GuardedStore:
     """A store whose calls go through a :class:`Breaker`.
 
     Args:
         inner: the backend's store.
-        breaker: the manager's breaker, shared by every model's store.
+        breaker: the manager's breaker, shared by every model's sync and async store.
     """
 
     def __init__(self, inner: Store, breaker: Breaker) -> None:
@@ -171,32 +215,15 @@ class GuardedStore:
         self.breaker = breaker
 
     def _call(self, method: str, *args: Any) -> Any:
-        admitted = self.breaker.admit()
-        if admitted is None:
-            raise BackendUnavailable("circuit breaker open: cache backend not called")
-        if admitted == "probe":
-            self.reset_connections()
-        started = self.breaker.now()
-        try:
-            result = getattr(self.inner, method)(*args)
-        except Exception as error:
-            self.breaker.failed(error, started)
-            raise
-        self.breaker.succeeded(started)
-        return result
+        with self.breaker.attempt() as probing:
+            if probing:
+                self.reset_connections()
+            return getattr(self.inner, method)(*args)
 
     def reset_connections(self) -> None:
-        """Drop pooled connections, which reconnect on next use; never raises.
-
-        Before a probe, as they may lead to a server since restarted (each stale connection
-        would fail once after the backend returned, and open the breaker again each time),
-        and when the manager closes.
-        """
-        reset = getattr(self.inner, "reset_connections", None)
-        if reset is None:
-            return
+        """Drop pooled connections, which reconnect on next use; never raises."""
         try:
-            reset()
+            self.inner.reset_connections()
         except Exception as error:  # a probe that follows reports the real state
             logger.debug("could not reset the backend's connections: %r", error)
 
@@ -205,11 +232,7 @@ class GuardedStore:
         result: list[bytes | None] = self._call("get_many", keys)
         return result
 
-    def set_many(self, mapping: Mapping[str, bytes], ttl: int) -> None:
-        """See :meth:`Store.set_many`."""
-        self._call("set_many", mapping, ttl)
-
-    def write_many(self, entries: Sequence[tuple[str, bytes, int]]) -> None:
+    def write_many(self, entries: Sequence[Write]) -> None:
         """See :meth:`Store.write_many`."""
         self._call("write_many", entries)
 
@@ -225,3 +248,51 @@ class GuardedStore:
     def delete_many(self, keys: Sequence[str]) -> None:
         """See :meth:`Store.delete_many`."""
         self._call("delete_many", keys)
+
+
+class AsyncGuardedStore:
+    """An async store whose calls go through the same :class:`Breaker` as the sync ones.
+
+    Args:
+        inner: the backend's async store.
+        breaker: the manager's breaker.
+    """
+
+    def __init__(self, inner: AsyncStore, breaker: Breaker) -> None:
+        self.inner = inner
+        self.breaker = breaker
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        with self.breaker.attempt() as probing:
+            if probing:
+                await self.reset_connections()
+            return await getattr(self.inner, method)(*args)
+
+    async def reset_connections(self) -> None:
+        """Drop pooled connections, which reconnect on next use; never raises."""
+        try:
+            await self.inner.reset_connections()
+        except Exception as error:  # a probe that follows reports the real state
+            logger.debug("could not reset the backend's connections: %r", error)
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """See :meth:`Store.get_many`."""
+        result: list[bytes | None] = await self._call("get_many", keys)
+        return result
+
+    async def write_many(self, entries: Sequence[Write]) -> None:
+        """See :meth:`Store.write_many`."""
+        await self._call("write_many", entries)
+
+    async def add(self, key: str, value: bytes, ttl: int) -> bool:
+        """See :meth:`Store.add`."""
+        return bool(await self._call("add", key, value, ttl))
+
+    async def compare_and_set(self, swaps: Sequence[Swap], ttl: int) -> list[bool]:
+        """See :meth:`Store.compare_and_set`."""
+        result: list[bool] = await self._call("compare_and_set", swaps, ttl)
+        return result
+
+    async def delete_many(self, keys: Sequence[str]) -> None:
+        """See :meth:`Store.delete_many`."""
+        await self._call("delete_many", keys)

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import types as sqltypes
 from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.sql.sqltypes import _AbstractInterval
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper
@@ -224,6 +223,14 @@ def _numeric_codec(type_: sqltypes.Numeric[Any]) -> tuple[Encode, Decode]:
     return (_str_of, _decimal) if type_.asdecimal else (_identity, _float)
 
 
+def _python_type(type_: TypeEngine[Any]) -> type | None:
+    """The Python type a column type hands back, when the type says (most do)."""
+    try:
+        return type_.python_type
+    except NotImplementedError:
+        return None
+
+
 def _codec_for(type_: TypeEngine[Any]) -> tuple[Encode, Decode]:  # noqa: PLR0912 - one flat dispatch reads best
     """Choose the encoding of one column from its SQLAlchemy type, once per model."""
     if isinstance(type_, sqltypes.Boolean):
@@ -242,7 +249,7 @@ def _codec_for(type_: TypeEngine[Any]) -> tuple[Encode, Decode]:  # noqa: PLR091
         return _iso, dt.date.fromisoformat
     if isinstance(type_, sqltypes.Time):
         return _iso, dt.time.fromisoformat
-    if isinstance(type_, _AbstractInterval):
+    if _python_type(type_) is dt.timedelta:  # Interval, and each dialect's INTERVAL
         return _encode_interval, _decode_interval
     if isinstance(type_, sqltypes.Uuid):
         return (_str_of, _uuid) if type_.as_uuid else (_identity, _Strict(str))
@@ -250,7 +257,7 @@ def _codec_for(type_: TypeEngine[Any]) -> tuple[Encode, Decode]:  # noqa: PLR091
         return _array_codec(type_)
     if isinstance(type_, sqltypes.JSON):
         return _identity, _identity
-    if isinstance(type_, sqltypes._Binary):
+    if _python_type(type_) is bytes:  # LargeBinary, BINARY, BYTEA, BLOB…
         return _encode_bytes, _decode_bytes
     # TypeDecorators and types of other packages: trust only the value's runtime type.
     return _encode_tagged, _decode_tagged
@@ -283,7 +290,7 @@ class ModelCodec:
 
     __slots__ = (
         "_columns",
-        "_identity_class",
+        "_mapper",
         "_new_instance",
         "_plan",
         "_primary_key",
@@ -296,7 +303,7 @@ class ModelCodec:
         )
         self.keys = tuple(column.key for column in self._columns)
         self._new_instance = mapper.class_manager.new_instance
-        self._identity_class = mapper._identity_class
+        self._mapper = mapper
         self._primary_key = tuple(mapper.get_property_by_column(c).key for c in mapper.primary_key)
         # Per column: (key, a type taken as it is, converter for anything else); a strict
         # column's converter raises, and a JSON column has no converter at all.
@@ -358,7 +365,7 @@ class ModelCodec:
         if None in primary_key:
             raise ValueError("a payload without a primary key")
         mutable = tuple(name for name, value in loaded.items() if type(value) in (list, dict))
-        return Row(loaded, (self._identity_class, primary_key, None), mutable)
+        return Row(loaded, self._mapper.identity_key_from_primary_key(primary_key), mutable)
 
     def build(self, row: Row) -> Any:
         """A detached instance holding ``row``: its own copy of every list and dict in it.

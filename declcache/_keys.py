@@ -1,4 +1,11 @@
-"""Cache keys: ``prefix + model + schema fingerprint + key fields = values``. Pure, no I/O.
+"""Idents and cache keys: how a caller names a row, and how the cache names what it holds. Pure.
+
+Every key is ``prefix + model + schema fingerprint + what it names``:
+
+* an entity: ``…:id=7`` (its primary key) or ``…:email=a%40b.c`` (a ``key_fields`` set, whose
+  entry is a *pointer* to the primary-key entry);
+* the model's *generation* token ``…:generation`` and *list version* token ``…:list-version``;
+* a cached query result ``…:q:<kind>:<hash of its SQL and parameters>``.
 
 A key must be valid on every backend: Memcached refuses spaces, control characters and more
 than 250 bytes. Key values are percent-encoded (so ``"a b"``, unicode and ``:`` are safe and
@@ -14,37 +21,85 @@ from __future__ import annotations
 import functools
 import hashlib
 import uuid
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from sqlalchemy import types as sqltypes
+from sqlalchemy.orm.attributes import instance_state
 
 from declcache._codec import CODEC_VERSION, cached_columns
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
     from sqlalchemy.orm import Mapper
     from sqlalchemy.sql.type_api import TypeEngine
 
-__all__ = ["MAX_KEY_BYTES", "KeyBuilder", "fingerprint", "normalized"]
+    from declcache._api import Ident
+
+__all__ = [
+    "MAX_KEY_BYTES",
+    "KeyBuilder",
+    "KeySet",
+    "fingerprint",
+    "ident_parts",
+    "match",
+    "normalized",
+    "primary_key_names",
+    "primary_key_values",
+]
 
 #: Memcached's limit, and so the limit of every key declcache writes.
 MAX_KEY_BYTES = 250
 _HASHED_TAIL = 40  # hex characters of sha256 kept when a key is too long
 
+#: The attribute names of one key: the primary key, or a ``key_fields`` set.
+KeySet = tuple[str, ...]
 
-def fingerprint(mapper: Mapper[Any], format_name: str) -> str:
-    """A short hash of everything that decides how a cached row of this model is shaped."""
-    cls = mapper.class_
-    shape = [
-        f"{cls.__module__}.{cls.__qualname__}",
-        ",".join(table.fullname for table in mapper.tables),
-        *(f"{key}:{type_!r}" for key, type_ in cached_columns(mapper)),
-        f"format={format_name}",
-        f"codec={CODEC_VERSION}",
-    ]
-    return hashlib.sha256("\n".join(shape).encode()).hexdigest()[:12]
+
+# -- idents -----------------------------------------------------------------------------------
+
+
+@functools.cache
+def primary_key_names(mapper: Mapper[Any]) -> KeySet:
+    """The attribute names of ``mapper``'s primary key, in its column order."""
+    return tuple(mapper.get_property_by_column(column).key for column in mapper.primary_key)
+
+
+def primary_key_values(ident: Ident) -> tuple[Any, ...]:
+    """The values of a primary-key ident: a tuple for a composite key, else one value."""
+    return ident if isinstance(ident, tuple) else (ident,)
+
+
+def ident_parts(ident: Ident, primary_key: KeySet) -> tuple[KeySet, tuple[Any, ...]]:
+    """``(fields, values)`` an ident names: a mapping names its own fields, else the primary key."""
+    if isinstance(ident, Mapping):
+        return tuple(ident), tuple(ident.values())
+    return primary_key, primary_key_values(ident)
+
+
+def match(mapper: Mapper[Any], idents: Sequence[Ident], loaded: Iterable[Any]) -> list[Any]:
+    """For each ident, the instance of ``loaded`` it names, or ``None``."""
+    loaded = list(loaded)
+    primary_key = primary_key_names(mapper)
+    indexes: dict[KeySet, dict[tuple[str, ...], Any]] = {}
+    matches = []
+    for ident in idents:
+        fields, values = ident_parts(ident, primary_key)
+        if fields not in indexes:
+            index = indexes[fields] = {}
+            for item in loaded:
+                state = instance_state(item).dict
+                index[normalized(mapper, fields, [state.get(name) for name in fields])] = item
+        try:
+            matches.append(indexes[fields].get(normalized(mapper, fields, values)))
+        except (ValueError, TypeError, KeyError):
+            matches.append(None)
+    return matches
+
+
+# -- key values -------------------------------------------------------------------------------
 
 
 def _normalizer(type_: TypeEngine[Any]) -> Callable[[Any], str]:
@@ -95,34 +150,68 @@ def _quoted(normalize: Callable[[Any], str]) -> Callable[[Any], str]:
     return lambda value: _encode_value(normalize(value))
 
 
+def fingerprint(mapper: Mapper[Any], format_name: str) -> str:
+    """A short hash of everything that decides how a cached row of this model is shaped."""
+    cls = mapper.class_
+    shape = [
+        f"{cls.__module__}.{cls.__qualname__}",
+        ",".join(table.fullname for table in mapper.tables),
+        *(f"{key}:{type_!r}" for key, type_ in cached_columns(mapper)),
+        f"format={format_name}",
+        f"codec={CODEC_VERSION}",
+    ]
+    return hashlib.sha256("\n".join(shape).encode()).hexdigest()[:12]
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+
 class KeyBuilder:
-    """Builds the keys of one model: one per key-field set, plus the list-version key.
+    """Every key of one model: its entities (per key set), tokens and cached queries.
 
     The text before the values (``head:fields=``) and each field's normaliser are worked out
-    once per key-field set: a key is built on every cache read.
+    once per key set: a key is built on every cache read.
+
+    Args:
+        prefix: the manager's key prefix.
+        mapper: the model's mapper.
+        format_name: the payload format's name (part of the fingerprint).
+        key_sets: the ``key_fields`` sets naming one entity besides the primary key.
     """
 
-    __slots__ = ("_head", "_mapper", "_shapes")
+    __slots__ = (
+        "_mapper",
+        "_shapes",
+        "generation_key",
+        "head",
+        "key_sets",
+        "list_version_key",
+        "primary_key",
+    )
 
-    def __init__(self, prefix: str, mapper: Mapper[Any], format_name: str) -> None:
-        model = _encode_value(mapper.class_.__name__)
-        self._head = f"{prefix}{model}:{fingerprint(mapper, format_name)}"
+    def __init__(
+        self, prefix: str, mapper: Mapper[Any], format_name: str, key_sets: Sequence[KeySet] = ()
+    ) -> None:
         self._mapper = mapper
-        self._shapes: dict[tuple[str, ...], tuple[str, tuple[Callable[[Any], str], ...]]] = {}
+        self.head = f"{prefix}{_encode_value(mapper.class_.__name__)}:"
+        self.head += fingerprint(mapper, format_name)
+        self.primary_key = primary_key_names(mapper)
+        #: Every key naming one entity, the primary key first.
+        self.key_sets = (self.primary_key, *(keys for keys in key_sets if keys != self.primary_key))
+        self._shapes: dict[KeySet, tuple[str, tuple[Callable[[Any], str], ...]]] = {}
+        #: The model's generation token: a new one turns every older entry into a miss.
+        self.generation_key = self.named_key("generation")
+        #: The model's list version: a new one turns every cached query result into a miss.
+        self.list_version_key = self.named_key("list-version")
 
-    @property
-    def head(self) -> str:
-        """``prefix + model + fingerprint``: every key of this model starts with it."""
-        return self._head
-
-    def _shape(self, fields: tuple[str, ...]) -> tuple[str, tuple[Callable[[Any], str], ...]]:
+    def _shape(self, fields: KeySet) -> tuple[str, tuple[Callable[[Any], str], ...]]:
         try:
             return self._shapes[fields]
         except KeyError:
             pass
         normalizers = _normalizers(self._mapper)
         names = "+".join(_encode_value(field) for field in fields)
-        shape = f"{self._head}:{names}=", tuple(_quoted(normalizers[field]) for field in fields)
+        shape = f"{self.head}:{names}=", tuple(_quoted(normalizers[field]) for field in fields)
         self._shapes[fields] = shape
         return shape
 
@@ -143,9 +232,38 @@ class KeyBuilder:
             start + ",".join(text(value) for text, value in zip(texts, values, strict=True))
         )
 
+    def of_ident(self, ident: Ident) -> tuple[KeySet, str]:
+        """``(key set, key)`` of the entity ``ident`` names.
+
+        Raises:
+            ValueError: ``ident`` names no key of this model or cannot be normalised.
+        """
+        if isinstance(ident, Mapping):
+            for key_set in self.key_sets:
+                if set(key_set) == set(ident):
+                    return key_set, self.entity_key(key_set, [ident[name] for name in key_set])
+            name = self._mapper.class_.__name__
+            known = list(self.key_sets)
+            raise ValueError(f"{sorted(ident)} is not a key of {name}; keys are {known}")
+        return self.primary_key, self.entity_key(self.primary_key, primary_key_values(ident))
+
+    def of_instance(self, instance: object) -> dict[KeySet, str]:
+        """Every key ``instance`` is known by, per key set (``None`` values skipped)."""
+        loaded = instance_state(instance).dict
+        keys = {}
+        for key_set in self.key_sets:
+            values = [loaded.get(name) for name in key_set]
+            if all(value is not None for value in values):
+                keys[key_set] = self.entity_key(key_set, values)
+        return keys
+
+    def list_key(self, query_key: str) -> str:
+        """Key of a cached query result; ``query_key`` names the query (its kind and hash)."""
+        return self.named_key(f"q:{query_key}")
+
     def named_key(self, name: str) -> str:
-        """A per-model bookkeeping key (a token, a cached query); never equal to an entity key."""
-        return _bounded(f"{self._head}:{_encode_value(name)}")
+        """A per-model bookkeeping key; never equal to an entity key (no ``=`` in it)."""
+        return _bounded(f"{self.head}:{_encode_value(name)}")
 
 
 def _bounded(key: str) -> str:

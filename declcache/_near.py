@@ -44,21 +44,22 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from declcache._lru import LRUDict
+import cachetools
+
+from declcache._private_apis import resp3_parser, socket_of
 from declcache._stats import FaultLog
+from declcache.backends._base import SyncStoreAdapter
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Sequence
 
-    from declcache._store import Store, Swap
+    from declcache._api import Store, Swap, Write
 
-__all__ = ["DEFAULT_NEAR_CACHE_MAX_ENTRIES", "NearCache", "NearCacheStats", "NearStore"]
+__all__ = ["AsyncNearStore", "NearCache", "NearCacheStats", "NearStore"]
 
 logger = logging.getLogger("declcache.near")
 _faults = FaultLog(logger)  # a down Redis would otherwise log every retry, every second
 
-#: Entries one process keeps in its near cache unless configured.
-DEFAULT_NEAR_CACHE_MAX_ENTRIES = 10_000
 #: Seconds between attempts to (re)establish the tracking connection.
 RETRY_INTERVAL = 1.0
 #: Seconds between heartbeats on the tracking connection; an unanswered one drops it.
@@ -100,9 +101,7 @@ def _tracking_connection(pool: Any, key_prefix: str, on_push: Callable[[Any], ob
     The pure-Python RESP3 parser is asked for by name: its push handling (a push read with
     ``push_request=True`` is returned, a partial one rewound) is what the drain relies on.
     """
-    from redis._parsers import _RESP3Parser  # noqa: PLC0415 - redis is an optional extra
-
-    kwargs = {**pool.connection_kwargs, "protocol": 3, "parser_class": _RESP3Parser}
+    kwargs = {**pool.connection_kwargs, "protocol": 3, "parser_class": resp3_parser("redis")}
     kwargs.pop("cache", None)  # redis-py's own client-side cache: not on this connection
     connection = pool.connection_class(**kwargs)
     connection._parser.set_invalidation_push_handler(on_push)
@@ -138,7 +137,7 @@ class NearCache:
     def __init__(
         self,
         key_prefix: str,
-        max_entries: int = DEFAULT_NEAR_CACHE_MAX_ENTRIES,
+        max_entries: int,
         *,
         retry_interval: float = RETRY_INTERVAL,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
@@ -146,7 +145,7 @@ class NearCache:
     ) -> None:
         self._prefix = key_prefix
         self._max_entries = max_entries
-        self._entries = LRUDict(max_entries)
+        self._entries: cachetools.LRUCache[str, bytes] = cachetools.LRUCache(max_entries)
         self._retry_interval = retry_interval
         self._heartbeat_interval = heartbeat_interval
         self._clock = clock
@@ -172,16 +171,15 @@ class NearCache:
 
     # -- wiring ------------------------------------------------------------------------------
 
-    def wrap(self, store: Store, backend: Any) -> NearStore:
-        """``store`` with this L1 in front; ``backend`` is the region's dogpile Redis backend.
+    def wrap(self, store: Store, pool: Any) -> NearStore:
+        """``store`` with this L1 in front; ``pool`` is the Redis connection pool it uses.
 
-        The first backend wrapped names the server to track: its connection pool's arguments
-        (host, port, db, credentials, TLS) make the tracking connection.
+        The first pool wrapped names the server to track: its connection arguments (host,
+        port, db, credentials, TLS) make the tracking connection.
         """
         if self._connect is None:
             from redis.exceptions import TimeoutError as RedisTimeout  # noqa: PLC0415
 
-            pool = backend.writer_client.connection_pool
             prefix = self._prefix
             self._connect = lambda: _tracking_connection(pool, prefix, self._on_push)
             self._partial = RedisTimeout
@@ -284,7 +282,7 @@ class NearCache:
         self._epoch += 1
         self._flushed = self._epoch
         self._touched.clear()
-        self._entries = LRUDict(self._max_entries)
+        self._entries = cachetools.LRUCache(self._max_entries)
         self._flushes += 1
 
     def _on_push(self, message: list[Any]) -> object:
@@ -393,7 +391,7 @@ def _poller(connection: Any) -> Any:
     ``redis-py``'s own ``can_read`` costs three syscalls (two ``settimeout`` and a ``recv``);
     polling first costs one, and a look-up checks the socket every time.
     """
-    sock = getattr(connection, "_sock", None)
+    sock = socket_of(connection)
     if sock is None or not hasattr(select, "poll"):
         return None
     poller = select.poll()
@@ -429,10 +427,6 @@ class NearStore:
             values[index] = value
         return values
 
-    def peek_many(self, keys: Sequence[str]) -> list[bytes | None] | None:
-        """L1's values of all ``keys``, or ``None``: see :meth:`NearCache.peek`."""
-        return self.near.peek(keys)
-
     def _written(self, keys: list[str], write: Callable[[], Any]) -> Any:
         """Run ``write`` with ``keys`` evicted before and after, so no read serves the old."""
         self.near.forget(keys)
@@ -441,11 +435,7 @@ class NearStore:
         finally:
             self.near.forget(keys)
 
-    def set_many(self, mapping: Mapping[str, bytes], ttl: int) -> None:
-        """See :meth:`Store.set_many`."""
-        self._written(list(mapping), lambda: self.inner.set_many(mapping, ttl))
-
-    def write_many(self, entries: Sequence[tuple[str, bytes, int]]) -> None:
+    def write_many(self, entries: Sequence[Write]) -> None:
         """See :meth:`Store.write_many`."""
         keys = [key for key, _, _ in entries]
         self._written(keys, lambda: self.inner.write_many(entries))
@@ -466,6 +456,24 @@ class NearStore:
 
     def reset_connections(self) -> None:
         """Forward to the inner store (the breaker's probe calls it)."""
-        reset = getattr(self.inner, "reset_connections", None)
-        if reset is not None:
-            reset()
+        self.inner.reset_connections()
+
+
+class AsyncNearStore(SyncStoreAdapter):
+    """A :class:`NearStore` for coroutines: L1 hits answered on the event loop.
+
+    A look-up that L1 answers whole is a dict read on the loop (:meth:`NearCache.peek` never
+    waits for a lock, connects or blocks); anything else — a key L1 lacks, a write, a
+    tracking connection to reopen — runs the :class:`NearStore` in a worker thread.
+    """
+
+    def __init__(self, store: NearStore) -> None:
+        super().__init__(store, blocking=True)
+        self._near = store.near
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """L1's values when it holds every key, else the near store in a thread."""
+        values = self._near.peek(keys)
+        if values is not None:
+            return values
+        return await super().get_many(keys)

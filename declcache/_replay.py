@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from declcache._manager import ModelChanges
+    from declcache._invalidation import ModelChanges
 
 __all__ = ["INVALIDATION_QUEUE_LIMIT", "REPLAY_INTERVAL", "ReplayQueue"]
 

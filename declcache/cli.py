@@ -38,9 +38,10 @@ from dogpile.cache.exception import PluginNotFound
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Mapper, configure_mappers
 
-from declcache import __version__
+from declcache import __version__, backends
 from declcache._keys import normalized
 from declcache._manager import CacheManager
+from declcache._meta import OPTIONS
 from declcache.exceptions import ConfigurationError
 from declcache.settings import CacheConfig
 
@@ -130,26 +131,15 @@ def probe_backend(config: CacheConfig, rounds: int = 5) -> float:
         RuntimeError: the probe read back something else than it wrote.
         Exception: whatever the backend's client raises when it cannot be reached.
     """
-    from dogpile.cache import make_region  # noqa: PLC0415 - a dependency, imported when used
-
-    from declcache import _backends  # noqa: PLC0415
-    from declcache._store import store_for  # noqa: PLC0415
-
-    arguments = _backends.backend_arguments(config.backend, dict(config.arguments), 60)
-    region = make_region(name="declcache:check")
-    region.configure(
-        _backends.dogpile_backend_name(config.backend),
-        expiration_time=60,
-        arguments=arguments,
-    )
-    store = store_for(region.backend)
+    backend = backends.open_backend(config.backend, config.arguments, config)
+    store = backend.store(backend.make_region("check", 60))
     key = f"{config.key_prefix}check:{uuid.uuid4().hex}"
     value = uuid.uuid4().hex.encode("ascii")
     timings = []
     try:
         for _ in range(rounds):
             started = time.perf_counter()
-            store.set_many({key: value}, 60)
+            store.write_many([(key, value, 60)])
             read = store.get_many([key])[0]
             timings.append(time.perf_counter() - started)
             if read != value and config.backend != "dogpile.cache.null":
@@ -248,6 +238,15 @@ def _spec(manager: CacheManager, model: type) -> ModelSpec | None:
         raise _fail(str(error)) from None
 
 
+#: The CacheMeta options ``inspect`` shows beside "cached" (which ``enabled`` decides).
+_SHOWN_OPTIONS = tuple(option for option in OPTIONS if option.name != "enabled")
+
+
+def _shown(name: str, value: Any) -> Any:
+    """An option's value as JSON shows it: key sets as lists."""
+    return [list(fields) for fields in value] if name == "key_fields" else value
+
+
 def _row(spec: ModelSpec | None, manager: CacheManager, model: type) -> dict[str, Any]:
     table = getattr(sa_inspect(model).local_table, "name", None)
     if spec is None:
@@ -257,15 +256,15 @@ def _row(spec: ModelSpec | None, manager: CacheManager, model: type) -> dict[str
         why = f"caching is off ({manager.config.sources.get('enabled', 'default')})"
     else:
         why = spec.sources.get("enabled", "default")
+    options = {
+        option.name: _shown(option.name, getattr(spec, option.name)) for option in _SHOWN_OPTIONS
+    }
     return {
         "model": model.__name__,
         "table": table,
         "cached": cached,
         "why": why,
-        "ttl": spec.ttl,
-        "serializer": spec.serializer,
-        "key_fields": [list(fields) for fields in spec.key_fields],
-        "cache_not_found": spec.cache_not_found,
+        **options,
         "fingerprint": spec.fingerprint,
         "sources": dict(spec.sources),
     }
@@ -285,6 +284,11 @@ def _check_override_names(config: CacheConfig, mappers: list[Mapper[Any]], modul
 
 def _keys_text(key_fields: Iterable[Iterable[str]]) -> str:
     return " | ".join(",".join(fields) for fields in key_fields)
+
+
+def _text(name: str, value: Any) -> str:
+    """An option's value as the table shows it."""
+    return _keys_text(value) if name == "key_fields" else str(value)
 
 
 @app.command(name="inspect")
@@ -313,28 +317,23 @@ def inspect_models(
         return
     table = Table(title=escape(f"declcache models in {app_module} (backend {config.backend})"))
     table.add_column("model", no_wrap=True)
-    for column in ("cached", "ttl", "serializer", "key_fields", "cache_not_found"):
-        table.add_column(column)
+    table.add_column("cached")
+    for option in _SHOWN_OPTIONS:
+        table.add_column(option.name)
     table.add_column("fingerprint", no_wrap=True)
     for row in rows:
-        if "ttl" not in row:
-            table.add_row(escape(row["model"]), f"no\n[dim]{escape(row['why'])}[/dim]", *[""] * 5)
+        why = f"[dim]{escape(row['why'])}[/dim]"
+        if "fingerprint" not in row:
+            table.add_row(escape(row["model"]), f"no\n{why}", *[""] * (len(_SHOWN_OPTIONS) + 1))
             continue
         sources = row["sources"]
-
-        def cell(name: str, value: str, sources: Mapping[str, str] = sources) -> str:
-            return f"{escape(value)}\n[dim]{escape(sources.get(name, 'default'))}[/dim]"
-
+        cells = [
+            f"{escape(_text(option.name, row[option.name]))}\n"
+            f"[dim]{escape(sources.get(option.name, 'default'))}[/dim]"
+            for option in _SHOWN_OPTIONS
+        ]
         cached = "yes" if row["cached"] else "no"
-        table.add_row(
-            escape(row["model"]),
-            f"{cached}\n[dim]{escape(row['why'])}[/dim]",
-            cell("ttl", str(row["ttl"])),
-            cell("serializer", row["serializer"]),
-            cell("key_fields", _keys_text(row["key_fields"])),
-            cell("cache_not_found", str(row["cache_not_found"])),
-            row["fingerprint"],
-        )
+        table.add_row(escape(row["model"]), f"{cached}\n{why}", *cells, row["fingerprint"])
     _console().print(table)
 
 

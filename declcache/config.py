@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from declcache._invalidation import SESSION_MANAGER_KEY, setup_cache_listeners
+from declcache._listeners import SESSION_MANAGER_KEY, setup_cache_listeners
 from declcache._manager import CacheManager
 from declcache.exceptions import SettingsError
 

@@ -3,13 +3,12 @@
 The same plans as the sync repository (:mod:`declcache.repository._base`), run without
 blocking the event loop:
 
-* a look-up is awaited on the loop when it can be (Redis through ``redis.asyncio``, the near
-  cache), otherwise a backend that does I/O (``manager.blocking``) is called from a thread;
-* a read-through runs the manager in a worker thread, and the manager's database loader
-  hops back to the loop to run the query on the ``AsyncSession``;
+* every cache call is awaited on the manager's async store (natively on a single Redis,
+  inline for the memory backend and near-cache hits, in a worker thread for the others);
+* a read-through awaits its own query on the ``AsyncSession``, on the loop;
 * concurrent reads of one key await the leader's future (singleflight), so ``asyncio.gather``
-  over one session makes one query; the queries one repository's session runs for the cache
-  are serialized, as an ``AsyncSession`` cannot run two at once.
+  over one session makes one query; the queries a session runs for the cache are serialized
+  by a lock kept in ``session.info``, as an ``AsyncSession`` cannot run two at once.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import weakref
 from typing import TYPE_CHECKING, Any
 
 from declcache._api import Lookup
@@ -30,7 +28,6 @@ if TYPE_CHECKING:
 
     from sqlalchemy import Select
     from sqlalchemy.ext.asyncio import AsyncSession
-    from sqlalchemy.orm import Session
 
     from declcache._manager import CacheManager
 
@@ -39,7 +36,8 @@ __all__ = ["SQLAlchemyAsyncRepository"]
 logger = logging.getLogger("declcache.repository")
 
 _FLIGHTS = AsyncFlights()
-_query_locks: weakref.WeakKeyDictionary[Session, asyncio.Lock] = weakref.WeakKeyDictionary()
+#: ``session.info`` key of the lock that serializes the queries a session runs for the cache.
+_QUERY_LOCK_KEY = "_declcache_query_lock"
 
 
 @contextlib.asynccontextmanager
@@ -146,19 +144,15 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
     ) -> builtins.list[Any]:
         probe = await manager.aprobe(self.model_type, idents)
         found: Sequence[Any] = probe.results
-        if any(result is Lookup.MISS for result in found):  # else no thread, no query
-            loop = asyncio.get_running_loop()
+        if any(result is Lookup.MISS for result in found):  # else no query
 
-            def loader(missing: builtins.list[Any]) -> builtins.list[Any]:
-                statement = self._many_statement(missing, reload=True)
-                loaded: builtins.list[Any] = self._on_loop(
-                    loop, lambda: self._locked(self._all(statement))
+            async def loader(missing: builtins.list[Any]) -> builtins.list[Any]:
+                loaded: builtins.list[Any] = await self._locked(
+                    self._all(self._many_statement(missing, reload=True))
                 )
                 return loaded
 
-            found = await asyncio.to_thread(
-                manager.load_many, self.model_type, idents, loader, probe=probe
-            )
+            found = await manager.aload_many(self.model_type, idents, loader, probe=probe)
         return [self._settled(ident, item) for ident, item in zip(idents, found, strict=True)]
 
     async def get_one(
@@ -309,40 +303,29 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         ``probe`` is what the missed look-up saw when :attr:`AsyncFlights.landed` was
         ``landed`` (see the sync repository's ``_run``).
         """
-        loop = asyncio.get_running_loop()
 
-        def loader() -> Any:  # runs in the manager's worker thread
-            return self._on_loop(loop, lambda: self._locked(query()))
+        async def loader() -> Any:
+            return await self._locked(query())
 
         async def lead() -> Any:
             mutex = read.mutex()
             if mutex is None:
-                seen = probe if _FLIGHTS.landed == landed else None
-                return await asyncio.to_thread(read.load, loader, seen)
+                return await read.aload(loader, probe if _FLIGHTS.landed == landed else None)
             async with _held(mutex):
-                return await asyncio.to_thread(read.load, loader, None)
+                return await read.aload(loader, None)
 
         if read.flight_key is None:
             return await lead()
         outcome = await _FLIGHTS.run(read.flight_key, self._sync_session, lead)
         if self._reusable(outcome):
             return outcome.result()
-        return await asyncio.to_thread(read.load, loader, None)  # the leader filled the cache
-
-    @staticmethod
-    def _on_loop(loop: asyncio.AbstractEventLoop, make: Callable[[], Awaitable[Any]]) -> Any:
-        """From a worker thread: run ``make()`` on ``loop`` and wait for its result."""
-
-        async def run() -> Any:
-            return await make()
-
-        return asyncio.run_coroutine_threadsafe(run(), loop).result()
+        return await read.aload(loader, None)  # the leader filled the cache: normally a hit
 
     async def _locked(self, work: Awaitable[Any]) -> Any:
         """Await ``work`` alone on this session: an AsyncSession runs one query at a time."""
-        lock = _query_locks.get(self._sync_session)
+        lock = self._sync_session.info.get(_QUERY_LOCK_KEY)
         if lock is None:
-            lock = _query_locks[self._sync_session] = asyncio.Lock()
+            lock = self._sync_session.info[_QUERY_LOCK_KEY] = asyncio.Lock()
         async with lock:
             return await work
 

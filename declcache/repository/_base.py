@@ -20,15 +20,16 @@ from __future__ import annotations
 import functools
 import logging
 import weakref
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from sqlalchemy import ColumnElement, Select, func, inspect, literal, select, tuple_
 
 from declcache._api import Ident, Lookup
-from declcache._invalidation import SESSION_MANAGER_KEY, has_uncommitted_changes
-from declcache._keys import normalized
+from declcache._keys import ident_parts, normalized, primary_key_names, primary_key_values
+from declcache._listeners import SESSION_MANAGER_KEY, has_uncommitted_changes
+from declcache._private_apis import session_is_clean
 from declcache.exceptions import NotFoundError
 from declcache.repository._statement_key import query_key
 
@@ -70,19 +71,21 @@ class CachedRead:
     """One read-through after a look-up missed, planned: what the sync and async layers run.
 
     A hit never gets this far: the repositories answer it straight from the manager's
-    probe. On a miss, the leader of :attr:`flight_key` runs :attr:`load` with a database
-    loader and the probe (or, holding :attr:`mutex`, with ``None``: it must look again under
-    the lock); the manager fills the cache.
+    probe. On a miss, the leader of :attr:`flight_key` runs :attr:`load` (or :attr:`aload`)
+    with a database loader and the probe (or, holding :attr:`mutex`, with ``None``: it must
+    look again under the lock); the manager fills the cache.
 
     Attributes:
         flight_key: names the read for singleflight; ``None`` when it cannot be named.
         load: ``load(loader, probe)``: the cached value, else ``loader()``'s, filled in the
             cache; ``probe`` is what the missed look-up saw, so it is not looked up again.
+        aload: the same for coroutines: ``await aload(loader, probe)``, ``loader`` async.
         mutex: the backend's distributed fill lock, or ``None``.
     """
 
     flight_key: Hashable | None
     load: Callable[[Callable[..., Any], Any], Any]
+    aload: Callable[[Callable[..., Awaitable[Any]], Any], Awaitable[Any]]
     mutex: Callable[[], Any]
 
 
@@ -90,8 +93,7 @@ class CachedRead:
 def _model_shape(model: type) -> tuple[Mapper[Any], list[Any], tuple[str, ...]]:
     """``(mapper, primary-key columns, primary-key attribute names)``, worked out once."""
     mapper: Mapper[Any] = inspect(model)
-    columns = list(mapper.primary_key)
-    return mapper, columns, tuple(mapper.get_property_by_column(c).key for c in columns)
+    return mapper, list(mapper.primary_key), primary_key_names(mapper)
 
 
 class RepositoryBase(Generic[ModelT]):
@@ -161,7 +163,7 @@ class RepositoryBase(Generic[ModelT]):
     def _is_writing(self) -> bool:
         """Whether the session holds pending or flushed, uncommitted changes to the model."""
         session, model = self._sync_session, self.model_type
-        if not session._is_clean():  # a quick test first: most reads come with no changes
+        if not session_is_clean(session):  # a quick test first: most reads come with none
             for items in (session.new, session.dirty, session.deleted):
                 if any(isinstance(item, model) for item in items):
                     return True
@@ -180,7 +182,7 @@ class RepositoryBase(Generic[ModelT]):
     def _ident_where(self, ident: Ident) -> list[ColumnElement[bool]]:
         if isinstance(ident, Mapping):
             return [getattr(self.model_type, name) == value for name, value in ident.items()]
-        values = ident if isinstance(ident, tuple) else (ident,)
+        values = primary_key_values(ident)
         if len(values) != len(self._pk_columns):
             raise ValueError(
                 f"{self._name} has a primary key of {len(self._pk_columns)} columns, got {ident!r}"
@@ -198,7 +200,7 @@ class RepositoryBase(Generic[ModelT]):
                 return None
             values: tuple[Any, ...] = tuple(ident[name] for name in self._pk_names)
         else:
-            values = ident if isinstance(ident, tuple) else (ident,)
+            values = primary_key_values(ident)
         identity_map = self._sync_session.identity_map
         if not identity_map:  # a fresh session, as for most requests
             return None
@@ -222,7 +224,7 @@ class RepositoryBase(Generic[ModelT]):
 
     def _many_statement(self, idents: Sequence[Ident], *, reload: bool) -> Select[Any]:
         """All rows of ``idents`` (primary keys) in one query."""
-        tuples = [ident if isinstance(ident, tuple) else (ident,) for ident in idents]
+        tuples = [primary_key_values(ident) for ident in idents]
         if len(self._pk_columns) == 1:
             where = self._pk_columns[0].in_([values[0] for values in tuples])
         else:
@@ -242,14 +244,12 @@ class RepositoryBase(Generic[ModelT]):
         return dict(fields)
 
     def _entity_flight_key(self, manager: CacheManager, ident: Ident) -> Hashable | None:
-        if isinstance(ident, Mapping):
-            names = tuple(sorted(ident))
-            values: Sequence[Any] = [ident[name] for name in names]
-        else:
-            names = self._pk_names
-            values = ident if isinstance(ident, tuple) else (ident,)
+        fields, values = ident_parts(ident, self._pk_names)
         try:
-            return (manager, self.model_type, names, normalized(self._mapper, names, values))
+            named = sorted(zip(fields, values, strict=True), key=lambda pair: pair[0])
+            names = tuple(name for name, _ in named)  # a key set named in any order
+            texts = normalized(self._mapper, names, [value for _, value in named])
+            return (manager, self.model_type, names, texts)
         except (ValueError, TypeError, KeyError):
             return None
 
@@ -258,6 +258,7 @@ class RepositoryBase(Generic[ModelT]):
         return CachedRead(
             flight_key=self._entity_flight_key(manager, ident),
             load=lambda loader, probe: manager.load(model, ident, loader, probe=probe),
+            aload=lambda loader, probe: manager.aload(model, ident, loader, probe=probe),
             mutex=lambda: manager.fill_mutex(model, ident),
         )
 
@@ -269,7 +270,7 @@ class RepositoryBase(Generic[ModelT]):
             by_key[normalized(self._mapper, self._pk_names, values)] = item
         ordered: list[ModelT | None] = []
         for ident in idents:
-            values = ident if isinstance(ident, tuple) else (ident,)
+            values = primary_key_values(ident)
             try:
                 ordered.append(by_key.get(normalized(self._mapper, self._pk_names, values)))
             except (ValueError, TypeError):
@@ -321,6 +322,7 @@ class RepositoryBase(Generic[ModelT]):
         return CachedRead(
             flight_key=(manager, model, key),
             load=lambda loader, probe: manager.load_list(model, key, loader, probe=probe),
+            aload=lambda loader, probe: manager.aload_list(model, key, loader, probe=probe),
             mutex=lambda: manager.fill_mutex(model, query_key=key),
         )
 

@@ -24,15 +24,17 @@ import hashlib
 import logging
 import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import cachetools
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.selectable import Alias, TableClause
 from sqlalchemy.sql.util import find_tables
+
+from declcache._private_apis import statement_cache_key
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Compiled, Dialect
@@ -135,7 +137,7 @@ def _check_inputs(statement: ClauseElement, tables: frozenset[TableClause]) -> N
 SHAPES_KEPT = 1024
 
 Shape = tuple["Compiled | None", "str | None"]
-_shapes: OrderedDict[tuple[Any, ...], Shape] = OrderedDict()
+_shapes: cachetools.LRUCache[tuple[Any, ...], Shape] = cachetools.LRUCache(SHAPES_KEPT)
 _shapes_lock = threading.Lock()
 
 
@@ -157,21 +159,17 @@ def _analyze(
 
 def _shape(statement: ClauseElement, dialect: Dialect, tables: frozenset[TableClause]) -> Any:
     """``(compiled, reason, params)``: SQLAlchemy's cache key spares compiling a known shape."""
-    cache_key = statement._generate_cache_key()
+    cache_key = statement_cache_key(statement)
     if cache_key is None:  # a construct SQLAlchemy does not cache either
         compiled, reason = _analyze(statement, dialect, tables, None)
         return compiled, reason, None if compiled is None else compiled.params
     slot = (dialect, tables, cache_key.key)
     with _shapes_lock:
         known = _shapes.get(slot)
-        if known is not None:
-            _shapes.move_to_end(slot)
     if known is None:
         known = _analyze(statement, dialect, tables, cache_key)
         with _shapes_lock:
             _shapes[slot] = known
-            while len(_shapes) > SHAPES_KEPT:
-                _shapes.popitem(last=False)
     compiled, reason = known
     if compiled is None:
         return None, reason, None

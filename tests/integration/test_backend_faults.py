@@ -27,8 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
-from declcache import CacheConfig, CacheManager
-from declcache import _manager as manager_module
+from declcache import CacheConfig, CacheManager, _stats
 from declcache import _replay as replay_module
 from tests.integration._invalidation_models import Item, Reader, writing
 
@@ -93,7 +92,7 @@ def sleep_until(deadline: float) -> None:
     time.sleep(max(0.0, deadline - time.monotonic()))
 
 
-def stats(manager: CacheManager) -> manager_module.ModelStats:
+def stats(manager: CacheManager) -> _stats.ModelStats:
     return manager.stats()["Item"]
 
 

@@ -199,13 +199,13 @@ def entity_key(manager: CacheManager, model: type, ident: Any) -> str:
     """The backend key the manager stores ``ident``'s entity under (a peek at a private)."""
     cache = manager._cache(model)
     assert cache is not None
-    return cache.ident_key(ident)[1]
+    return cache.keys.of_ident(ident)[1]
 
 
 def generation_key(manager: CacheManager, model: type) -> str:
     cache = manager._cache(model)
     assert cache is not None
-    return cache.generation_key
+    return cache.keys.generation_key
 
 
 def region_of(manager: CacheManager, model: type) -> Any:
@@ -1025,13 +1025,13 @@ class TestDbm(StoredBytesChecks, BackendSuite):
             assert result["wrong"] == 0
             assert result["errors"] == 0
             assert result["hits"] > 0
-        from declcache import _wire
+        from declcache import _payload
 
         with dbm.open(filename, "r") as db:  # the file is intact and every value is ours
             keys = list(db.keys())
             assert len(keys) >= 11  # ten widgets and a generation token at least
             for key in keys:
-                created_at, payload = _wire.unwrap(db[key])
+                created_at, payload = _payload.unwrap(db[key])
                 assert created_at > 0
                 if key.endswith((b":generation", b":list-version")):
                     assert re.fullmatch(rb"[0-9a-f]{16}", payload), payload  # a bare token

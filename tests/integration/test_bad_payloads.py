@@ -95,7 +95,7 @@ def entity_key(manager: CacheManager, model: type, ident: Any) -> str:
     """The backend key ``manager`` reads for ``ident`` (the one manager internal used here)."""
     cache = manager._cache(model)
     assert cache is not None
-    found = cache.ident_key(ident)
+    found = cache.keys.of_ident(ident)
     return found[-1] if isinstance(found, tuple) else found  # (fields, key) or key
 
 

@@ -18,7 +18,7 @@ from sqlalchemy import create_engine
 
 from declcache import CacheConfig, CacheManager, setup_cache_listeners
 from declcache._breaker import BackendUnavailable, Breaker, GuardedStore
-from declcache._store import MemoryStore
+from declcache.backends.memory import MemoryStore
 from tests.integration._invalidation_models import (
     Base,
     Item,

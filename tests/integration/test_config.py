@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 import declcache.config as config_module
 from declcache import CacheConfig, CacheManager, SettingsError, setup_cache_listeners
-from declcache._invalidation import SESSION_MANAGER_KEY, _after_commit
+from declcache._listeners import SESSION_MANAGER_KEY, _after_commit
 from declcache.config import SQLAlchemyAsyncConfig, SQLAlchemySyncConfig
 from tests.integration._repo_models import (
     AsyncAuthorRepo,

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 from declcache import CacheConfig, CacheManager, Lookup, setup_cache_listeners
-from declcache import _invalidation as invalidation_module
+from declcache import _listeners as invalidation_module
 from tests.integration._invalidation_models import (
     Base,
     Document,
@@ -208,6 +208,74 @@ def test_released_savepoint_applies_at_the_outer_commit(
         session.commit()
     assert reader.get(Item, 1) == {"id": 1, "name": "inner"}
     assert reader.get(Item, 2) == {"id": 2, "name": "deeper"}
+
+
+def test_inner_savepoint_rollback_keeps_the_outer_savepoints_changes(
+    engine: Engine, writer: CacheManager, reader: Reader
+) -> None:
+    warm(reader, (Item, 1), (Item, 2))
+    with writing(engine, writer) as session:
+        with session.begin_nested():
+            session.get(Item, 1).name = "outer savepoint"
+            inner = session.begin_nested()
+            session.get(Item, 2).name = "inner savepoint"
+            session.flush()
+            inner.rollback()
+        session.commit()
+    assert reader.get(Item, 1) == {"id": 1, "name": "outer savepoint"}
+    assert reader.loads_during(lambda: reader.get(Item, 2)) == 0
+    assert reader.get(Item, 2) == {"id": 2, "name": "item-2"}
+
+
+def test_outer_savepoint_rollback_discards_its_released_inner_savepoints(
+    engine: Engine, writer: CacheManager, reader: Reader
+) -> None:
+    warm(reader, (Item, 1), (Item, 2))
+    with writing(engine, writer) as session:
+        session.get(Item, 2).name = "outer transaction"
+        outer = session.begin_nested()
+        with session.begin_nested():
+            session.get(Item, 1).name = "released inner"
+        outer.rollback()
+        session.commit()
+    assert reader.loads_during(lambda: reader.get(Item, 1)) == 0
+    assert reader.get(Item, 1) == {"id": 1, "name": "item-1"}
+    assert reader.get(Item, 2) == {"id": 2, "name": "outer transaction"}
+
+
+def test_savepoint_rollback_of_a_key_field_change_keeps_both_keys_cached(
+    engine: Engine, writer: CacheManager, reader: Reader
+) -> None:
+    warm(reader, (Person, 1), (Person, {"email": ANN["email"]}), (Person, 2))
+    with writing(engine, writer) as session:
+        session.get(Person, 2).name = "Bobby"
+        savepoint = session.begin_nested()
+        session.get(Person, 1).email = "renamed@example.com"
+        session.flush()
+        savepoint.rollback()
+        session.commit()
+    assert reader.get(Person, 2) == {**BOB, "name": "Bobby"}
+    assert reader.loads_during(lambda: reader.get(Person, 1)) == 0
+    assert reader.loads_during(lambda: reader.get(Person, {"email": ANN["email"]})) == 0
+    assert reader.get(Person, {"email": ANN["email"]}) == ANN
+    assert reader.get(Person, {"email": "renamed@example.com"}) is None
+
+
+def test_a_row_changed_before_a_rolled_back_savepoint_is_still_invalidated(
+    engine: Engine, writer: CacheManager, reader: Reader
+) -> None:
+    warm(reader, (Item, 1))
+    with writing(engine, writer) as session:
+        item = session.get(Item, 1)
+        item.name = "before the savepoint"
+        session.flush()
+        savepoint = session.begin_nested()
+        item.name = "inside the savepoint"
+        session.flush()
+        savepoint.rollback()
+        session.commit()
+    assert reader.get(Item, 1) == {"id": 1, "name": "before the savepoint"}
+    assert reader.loads_during(lambda: reader.get(Item, 1)) == 0  # cached again
 
 
 def test_released_savepoint_then_outer_rollback_discards_everything(

@@ -471,11 +471,11 @@ def test_a_write_of_this_process_evicts_without_waiting_for_its_push(
     warm(reader)
     cache = manager._cache(Item)
     assert cache is not None
-    key = cache.ident_key(1)[1]
+    key = cache.keys.of_ident(1)[1]
     near = near_of(manager)
     assert key in near._entries
 
-    cache.store.write_many([(key, cache.tombstone(), 60)])
+    cache.store.write_many([(key, cache.payloads.tombstone(), 60)])
 
     assert key not in near._entries  # evicted before the push for this write is even read
     assert reader.loads_during(lambda: reader.get(Item, 1)) == 1

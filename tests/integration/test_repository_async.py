@@ -155,9 +155,9 @@ async def test_an_awaited_redis_look_up_that_fails_reads_the_database(
     assert manager is not None
     cache = manager._cache(Author)
     assert cache is not None
-    assert cache.reader is not None
-    cache.reader._connection_kwargs = {**cache.reader._connection_kwargs, "port": 1}
-    cache.reader._clients.clear()  # the next look-up connects to a closed port
+    reader = cache.astore.inner  # the native redis.asyncio store
+    reader._connection_kwargs = {**reader._connection_kwargs, "port": 1}
+    reader._clients.clear()  # the next look-up connects to a closed port
 
     found, queries = await read(db, sent, lambda s: repo(s).get(1))
 
@@ -280,9 +280,9 @@ async def test_a_hit_by_a_key_set_follows_its_pointer_without_looking_up_again(
     assert manager is not None
     cache = manager._cache(Author)
     assert cache is not None
-    assert cache.reader is not None
+    reader = cache.astore.inner  # the native redis.asyncio store
     calls: list[list[str]] = []
-    awaited, fetched = cache.reader.get_many, cache.store.inner.get_many
+    awaited, fetched = reader.get_many, cache.store.inner.get_many
 
     async def counted_await(keys: list[str]) -> list[bytes | None]:
         calls.append(keys)
@@ -292,7 +292,7 @@ async def test_a_hit_by_a_key_set_follows_its_pointer_without_looking_up_again(
         calls.append(keys)
         return fetched(keys)
 
-    monkeypatch.setattr(cache.reader, "get_many", counted_await)
+    monkeypatch.setattr(reader, "get_many", counted_await)
     monkeypatch.setattr(cache.store.inner, "get_many", counted_fetch)
 
     found, queries = await read(db, sent, lambda s: repo(s).get_one(email=email))

@@ -156,7 +156,7 @@ def test_a_hit_is_one_backend_call_and_a_miss_two(
     backend.calls.clear()
     _, queries = read(db, sent, lambda s: AuthorRepo(session=s).list(Author.id > 1))
     assert queries == 1
-    assert backend.calls == ["get_many", "set_many"]
+    assert backend.calls == ["get_many", "write_many"]  # one look-up, one unconditional write
     backend.calls.clear()
     found, queries = read(db, sent, lambda s: AuthorRepo(session=s).list(Author.id > 1))
     assert (queries, backend.calls) == (0, ["get_many"])

@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.orm import Session
 
 from declcache import CacheConfig, CacheManager, setup_cache_listeners
-from declcache._lru import LRUDict
+from declcache.backends.memory import BoundedDict
 from declcache.config import SQLAlchemySyncConfig
 from declcache.repository import SQLAlchemySyncRepository
 from tests import _servers
@@ -56,8 +56,8 @@ def test_the_memory_backend_keeps_at_most_memory_max_entries(
     reader = Reader(engine, manager)
     for ident in range(1, ITEMS + 1):
         assert reader.get(Item, ident) == {"id": ident, "name": f"item-{ident}"}
-    memory = manager._memory
-    assert isinstance(memory, LRUDict)
+    memory = manager._backend.data
+    assert isinstance(memory, BoundedDict)
     assert len(memory) == 10
     assert memory.evictions >= ITEMS - 10
     # The most recent entries are still cached, the oldest were dropped and load again.
@@ -75,8 +75,8 @@ def test_the_memory_backend_keeps_at_most_memory_max_entries(
 
 def test_the_default_memory_bound_applies_without_configuration() -> None:
     manager = CacheManager()
-    assert isinstance(manager._memory, LRUDict)
-    assert manager._memory.max_entries == 10_000
+    assert isinstance(manager._backend.data, BoundedDict)
+    assert manager._backend.data.max_entries == 10_000
 
 
 def test_an_explicit_cache_dict_is_used_as_given(engine: Engine, key_prefix: str) -> None:
@@ -137,7 +137,7 @@ def test_max_value_bytes_and_memory_max_entries_from_the_environment(
     assert (config.memory_max_entries, config.max_value_bytes) == (123, 4096)
     assert config.breaker_interval == 2.5
     assert config.sources["memory_max_entries"] == "DECLCACHE_MEMORY_MAX_ENTRIES"
-    assert CacheManager(config)._memory.max_entries == 123
+    assert CacheManager(config)._backend.data.max_entries == 123
 
 
 @pytest.mark.parametrize(
@@ -410,7 +410,7 @@ def test_several_memcached_nodes_share_keys_and_survive_a_dead_node(
     expected = {i: {"id": i, "name": f"item-{i}"} for i in range(1, ITEMS + 1)}
     for ident in expected:
         reader.get(Item, ident)
-    keys = [cache.key_of(("id",), (ident,)) for ident in expected]
+    keys = [cache.keys.entity_key(("id",), (ident,)) for ident in expected]
     spread = [_items_on(node, keys) for node in two_memcached]
     assert sum(spread) == ITEMS
     assert min(spread) > 0, spread  # both nodes hold some of the keys
@@ -451,9 +451,9 @@ def test_every_memcached_store_step_on_one_node_and_on_several(
     assert cache is not None
     assert type(cache.region.backend.client).__name__ == client
     store = cache.store
-    a, b, c = (cache.key_of(("id",), (ident,)) for ident in (1, 2, 3))
+    a, b, c = (cache.keys.entity_key(("id",), (ident,)) for ident in (1, 2, 3))
     store.write_many([(a, b"a", 100), (b, b"b", 10_000)])
-    store.set_many({c: b"c"}, 100)
+    store.write_many([(c, b"c", 100)])
     assert store.get_many([a, b, c]) == [b"a", b"b", b"c"]
     assert store.add(a, b"x", 100) is False
     assert store.compare_and_set([(a, b"a", b"a2"), (b, b"stale", b"b2")], 100) == [True, False]
@@ -536,9 +536,9 @@ def test_a_failing_on_stats_hook_never_fails_a_read(
     ],
 )
 def test_distributed_urls(url: str, backend: str, arguments: dict[str, Any]) -> None:
-    from declcache._urls import parse_cache_url
+    from declcache.backends import parse_url
 
-    assert parse_cache_url(url) == (backend, arguments)
+    assert parse_url(url) == (backend, arguments)
 
 
 @pytest.mark.parametrize(
@@ -560,7 +560,10 @@ def test_bad_distributed_urls(url: str, problem: str) -> None:
 def test_cluster_and_sentinel_arguments_carry_the_short_timeouts() -> None:
     from redis.cluster import ClusterNode
 
-    from declcache._backends import backend_arguments
+    from declcache.backends import open_backend
+
+    def backend_arguments(name: str, arguments: dict[str, Any], ttl: int) -> dict[str, Any]:
+        return open_backend(name, arguments, CacheConfig()).region_arguments(ttl, None)
 
     cluster = backend_arguments(
         "dogpile.cache.redis_cluster", {"startup_nodes": ["a:7000"], "password": "pw"}, 60

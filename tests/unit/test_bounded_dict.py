@@ -6,7 +6,10 @@ import threading
 
 import pytest
 
-from declcache._lru import DEFAULT_MEMORY_MAX_ENTRIES, LRUDict
+from declcache import CacheConfig
+from declcache.backends import open_backend
+from declcache.backends.memory import BoundedDict as LRUDict
+from declcache.settings import DEFAULT_MEMORY_MAX_ENTRIES
 
 
 def test_keeps_at_most_max_entries_dropping_the_least_recently_used() -> None:
@@ -36,7 +39,9 @@ def test_mapping_behaviour() -> None:
     lru["b"] = 2
     del lru["b"]
     assert len(lru) == 0
-    assert LRUDict().max_entries == DEFAULT_MEMORY_MAX_ENTRIES
+    default = open_backend("dogpile.cache.memory", {}, CacheConfig()).data
+    assert isinstance(default, LRUDict)
+    assert default.max_entries == DEFAULT_MEMORY_MAX_ENTRIES
 
 
 def test_rejects_a_bound_below_one() -> None:

@@ -1,0 +1,237 @@
+"""The bytes declcache keeps in a backend: payloads, tombstones and tokens. Pure, no I/O.
+
+Every value is ``<json metadata>|<payload>``, exactly as a dogpile region with a serializer
+writes it, so ``region.get()`` and dogpile's tools still read what declcache stores. The
+payload is one list encoded by the model's format:
+
+* an entity:   ``[fingerprint, generation, "e", value, value, …]``
+* not found:   ``[fingerprint, generation, "n"]``
+* a pointer:   ``[fingerprint, generation, "p", primary-key text, …]`` (a ``key_fields`` key)
+* a list:      ``[fingerprint, version, "l", [values…], [values…], …]`` (or ``[…, "l", count]``)
+* a tombstone: ``[fingerprint, "x<random>"]`` — written on invalidation; it never matches a
+  generation, so it reads as a miss, and its unique bytes let a fill detect that it lost a race.
+
+Tokens (a model's generation and list version) are bare random hex strings in the same layout.
+
+A :class:`Payloads` remembers what it parsed by the raw bytes: equal bytes are the same payload,
+so parsing and decoding a hot entry once serves every later read of it, in every thread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import cachetools
+
+if TYPE_CHECKING:
+    from declcache._codec import Row
+    from declcache.serializers import SerializationFormat
+
+__all__ = [
+    "ENTITY",
+    "LIST",
+    "NOT_FOUND",
+    "POINTER",
+    "Payload",
+    "PayloadError",
+    "Payloads",
+    "new_token",
+    "unwrap",
+    "wrap",
+]
+
+#: dogpile.cache.region.value_version, the layout version dogpile writes and accepts; kept
+#: here so that importing declcache never imports dogpile (a test checks the two agree).
+value_version = 2
+
+ENTITY, NOT_FOUND, POINTER, LIST = "e", "n", "p", "l"
+
+#: Parsed payloads a model remembers, at most, and the bytes they may take: a payload counts
+#: as at least ``REMEMBERED_PAYLOAD_BYTES / REMEMBERED_PAYLOADS`` bytes, so both bounds hold.
+REMEMBERED_PAYLOADS = 4096
+REMEMBERED_PAYLOAD_BYTES = 8 * 1024 * 1024
+#: Parsed tokens a model remembers (its generation and list version, and a few old ones).
+REMEMBERED_TOKENS = 8
+
+_SEPARATOR = b"|"
+
+
+class PayloadError(ValueError):
+    """A stored value that is not a payload of this model, schema and format."""
+
+
+def new_token() -> str:
+    """A fresh random token: no two writers, processes or restarts ever draw the same one."""
+    return secrets.token_hex(8)
+
+
+def wrap(payload: bytes) -> bytes:
+    """``payload`` in dogpile's layout, stamped with the current time.
+
+    The metadata is what ``json.dumps({"ct": time.time(), "v": 2})`` writes (a float's
+    ``repr`` is its JSON text), built without the json module: it is on every fill's path.
+    """
+    return b'{"ct":%r,"v":%d}|%b' % (time.time(), value_version, payload)
+
+
+#: The metadata every value declcache writes starts and ends with; :func:`unwrap` slices
+#: the creation time out from between them instead of running a JSON parser on each read.
+_HEAD_START = b'{"ct":'
+_HEAD_END = b',"v":%d}' % value_version
+
+
+def unwrap(raw: Any) -> tuple[float, bytes]:
+    """``(created_at, payload)`` of a stored value.
+
+    Raises:
+        ValueError: ``raw`` is not in dogpile's layout (a foreign or corrupt value).
+    """
+    if type(raw) is bytes and raw.startswith(_HEAD_START):
+        cut = raw.find(_SEPARATOR)
+        if raw.endswith(_HEAD_END, 0, cut) and cut > len(_HEAD_START) + len(_HEAD_END):
+            text = raw[len(_HEAD_START) : cut - len(_HEAD_END)]
+            if text.replace(b".", b"", 1).isdigit():  # no sign, no exponent
+                return float(text), raw[cut + 1 :]
+    return _unwrap_any(raw)
+
+
+def _unwrap_any(raw: Any) -> tuple[float, bytes]:
+    """:func:`unwrap` for metadata in any JSON spelling, as other dogpile writers may use."""
+    if isinstance(raw, str):
+        raw = raw.encode()
+    if not isinstance(raw, bytes):
+        raise ValueError(f"expected bytes, got {type(raw).__name__}")
+    head, separator, payload = raw.partition(_SEPARATOR)
+    if not separator:
+        raise ValueError("no dogpile metadata")
+    metadata = json.loads(head)
+    if not isinstance(metadata, dict) or metadata.get("v") != value_version:
+        raise ValueError("metadata of another dogpile value version")
+    created_at = metadata["ct"]
+    if isinstance(created_at, bool) or not isinstance(created_at, (int, float)):
+        raise ValueError("metadata without a creation time")
+    if not math.isfinite(created_at):
+        raise ValueError("metadata with a creation time that is not a number")
+    return float(created_at), payload
+
+
+@dataclass(slots=True)
+class Payload:
+    """A stored payload, parsed; remembered by its raw bytes (see :class:`Payloads`).
+
+    Attributes:
+        created_at: when it was written (dogpile's metadata).
+        generation: the generation (or list version) it was written under.
+        kind: :data:`ENTITY`, :data:`NOT_FOUND`, :data:`POINTER` or :data:`LIST`.
+        body: what follows the kind: column values, a primary key, rows or a count.
+        size: what it counts for against the memo's byte bound.
+        rows: the typed rows of an entity or a list, decoded by the first read that needs them.
+        owner: the key an entity was last found to belong to (checked once per payload).
+    """
+
+    created_at: float
+    generation: Any
+    kind: Any
+    body: list[Any]
+    size: int
+    rows: list[Row] | None = None
+    owner: str | None = None
+
+
+def _size(payload: Payload) -> int:
+    return payload.size
+
+
+class Payloads:
+    """One model's payloads: written in its format under its fingerprint, parsed and remembered.
+
+    Args:
+        fingerprint: the model's schema fingerprint, the first item of every payload.
+        format: the model's byte format.
+    """
+
+    def __init__(self, fingerprint: str, format: SerializationFormat) -> None:
+        self._fingerprint = fingerprint
+        self._format = format
+        # Reads are plain dict look-ups, safe without a lock; writes take it.
+        self._parsed: cachetools.Cache[bytes, Payload] = cachetools.Cache(
+            REMEMBERED_PAYLOAD_BYTES, getsizeof=_size
+        )
+        self._tokens: cachetools.Cache[bytes, str] = cachetools.Cache(REMEMBERED_TOKENS)
+        self._lock = threading.Lock()
+        self._smallest = REMEMBERED_PAYLOAD_BYTES // REMEMBERED_PAYLOADS
+
+    def clear(self) -> None:
+        """Forget every parsed payload and token: the next read of each parses it again."""
+        with self._lock:
+            self._parsed.clear()
+            self._tokens.clear()
+
+    def _bytes(self, data: list[Any]) -> bytes:
+        encoded = self._format.dumps(data)
+        return wrap(encoded.encode() if isinstance(encoded, str) else encoded)
+
+    def dump(self, generation: str, kind: str, *body: Any) -> bytes:
+        """A payload of ``kind`` written under ``generation`` (a generation or list version)."""
+        return self._bytes([self._fingerprint, generation, kind, *body])
+
+    def tombstone(self) -> bytes:
+        """A value no read accepts and no other write ever equals."""
+        return self._bytes([self._fingerprint, "x" + secrets.token_hex(8)])
+
+    @staticmethod
+    def token_value(token: str) -> bytes:
+        """What a token key holds."""
+        return wrap(token.encode("ascii"))
+
+    def token(self, raw: bytes | None) -> str | None:
+        """The token a stored token value holds; ``None`` for none or garbage."""
+        if raw is None:
+            return None
+        try:
+            return self._tokens[raw]
+        except (KeyError, TypeError):
+            pass
+        try:
+            token = unwrap(raw)[1].decode("ascii")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if type(raw) is bytes:
+            with self._lock:
+                self._tokens[raw] = token
+        return token
+
+    def parse(self, raw: bytes | None) -> Payload | None:
+        """The payload ``raw`` holds, whatever its generation and age; ``None`` if none.
+
+        A tombstone is ``None`` too: it holds nothing.
+
+        Raises:
+            PayloadError: ``raw`` is not a payload of this model, schema and format.
+        """
+        if raw is None:
+            return None
+        try:
+            return self._parsed[raw]
+        except (KeyError, TypeError):
+            pass
+        try:
+            created_at, payload = unwrap(raw)
+            data = self._format.loads(payload)
+        except Exception as error:
+            raise PayloadError(repr(error)) from error
+        if type(data) is not list or len(data) < 2 or data[0] != self._fingerprint:
+            raise PayloadError("a payload of another model, schema or format")
+        if len(data) < 3:  # a tombstone
+            return None
+        parsed = Payload(created_at, data[1], data[2], data[3:], max(len(raw), self._smallest))
+        if type(raw) is bytes and parsed.size <= REMEMBERED_PAYLOAD_BYTES:
+            with self._lock:
+                self._parsed[raw] = parsed
+        return parsed

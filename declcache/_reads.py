@@ -1,0 +1,362 @@
+"""Reads through the cache as flows: what to ask the backend, and what its answers mean. No I/O.
+
+Each flow is a generator that yields :class:`~declcache._driver.Call` requests (a store
+method and its arguments, or :data:`~declcache._driver.LOAD` for the database) and receives
+their results; :mod:`declcache._driver` runs it on a sync store and loader or awaits it on an
+async one, so the decisions below exist once for both. A store fault raised into a flow is
+answered here (counted, logged, degraded to the database); a loader's exception is not.
+
+How a read stays correct (see docs/invalidation.md):
+
+* every entity payload carries the model's *generation* token, read in the same round trip
+  (``MGET generation, key``); a bulk statement or ``invalidate_model`` draws a new random
+  token, which turns every older entry of the model into a miss at once;
+* invalidating an entity overwrites its keys with a unique *tombstone*; a fill after a database
+  read is a compare-and-set against exactly what the reader saw before querying, so a reader
+  that queried before a commit can never write the old row over the commit's tombstone;
+* a fill is refused for a row read before the look-up (:mod:`declcache._freshness`) and for a
+  read that took longer than the ttl (the tombstones it raced with may have expired);
+* every list payload carries the model's *list version* token, replaced on every change.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from sqlalchemy import inspect
+
+from declcache import _freshness
+from declcache._api import Lookup
+from declcache._codec import UnencodableValueError
+from declcache._driver import LOAD, Call
+from declcache._keys import match
+from declcache._payload import ENTITY, LIST, NOT_FOUND, POINTER, new_token
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from declcache._api import Ident, Swap
+    from declcache._driver import Flow
+    from declcache._model_cache import ModelCache
+    from declcache._payload import Payload
+
+__all__ = [
+    "ListProbe",
+    "Probe",
+    "Ticket",
+    "created_token",
+    "load",
+    "load_list",
+    "missed",
+    "probe",
+    "probe_list",
+]
+
+logger = logging.getLogger("declcache.manager")
+
+
+@dataclass
+class Ticket:
+    """What a read saw, so that the fill after the database query can be refused if stale.
+
+    Attributes:
+        generation: the model's generation token when looked up.
+        observed: every key looked up, and the raw value it held.
+        started: when the look-up began (monotonic).
+    """
+
+    generation: str
+    observed: dict[str, bytes | None]
+    started: float
+
+
+class Probe(NamedTuple):
+    """What a look-up found, and what it saw: a miss passes it on to fill without a 2nd look.
+
+    Attributes:
+        results: per ident, the instance, ``Lookup.NOT_FOUND`` or ``Lookup.MISS``.
+        ticket: what the backend held when looked up; ``None`` when it was not asked.
+        keys: per ident, its cache key (``None`` when it cannot have one).
+    """
+
+    results: list[Any]
+    ticket: Ticket | None
+    keys: list[str | None]
+
+
+class ListProbe(NamedTuple):
+    """A cached query result (or ``Lookup.MISS``) and the list version it was looked up under."""
+
+    result: Any
+    version: str | None
+
+
+def missed(idents: Sequence[Ident]) -> Probe:
+    """The probe of a look-up that asked nothing: every ident a miss, nothing to fill against."""
+    return Probe([Lookup.MISS] * len(idents), None, [None] * len(idents))
+
+
+# -- tokens ---------------------------------------------------------------------------------------
+
+
+def created_token(cache: ModelCache, key: str) -> Flow[str]:
+    """A new token at ``key``, where none (or garbage) was found; or another writer's.
+
+    Callers parse the token they read first: ``payloads.token(raw) or (yield from …)``.
+    """
+    fresh = new_token()
+    value = cache.payloads.token_value(fresh)
+    if (yield Call("add", key, value, cache.token_ttl)):
+        return fresh
+    found = cache.payloads.token((yield Call("get_many", [key]))[0])
+    if found is not None:
+        return found
+    yield Call("write_many", [(key, value, cache.token_ttl)])
+    return fresh
+
+
+# -- entities -------------------------------------------------------------------------------------
+
+
+def _keys_of(cache: ModelCache, idents: Sequence[Ident]) -> tuple[list[str | None], list[str]]:
+    """The cache key of each ident (``None`` if it can have none), and each key once."""
+    keys: list[str | None] = []
+    for ident in idents:
+        try:
+            keys.append(cache.keys.of_ident(ident)[1])
+        except (ValueError, TypeError, KeyError) as error:
+            logger.debug("%s: %r cannot be a cache key: %s", cache.name, ident, error)
+            keys.append(None)
+    if len(keys) == 1:
+        return keys, [] if keys[0] is None else [keys[0]]
+    return keys, list(dict.fromkeys(key for key in keys if key is not None))
+
+
+def probe(cache: ModelCache, idents: Sequence[Ident]) -> Flow[Probe]:
+    """Look ``idents`` up: one ``MGET`` of the generation token and their keys.
+
+    A ``key_fields`` key holds a pointer to the primary key; pointers are followed in a
+    second round trip. Returns a :class:`Probe`; a fault makes every ident a miss.
+    """
+    keys, wanted = _keys_of(cache, idents)
+    try:
+        started = time.monotonic()
+        raws = yield Call("get_many", [cache.keys.generation_key, *wanted])
+        generation = cache.payloads.token(raws[0]) or (
+            yield from created_token(cache, cache.keys.generation_key)
+        )
+        ticket = Ticket(generation, dict(zip(wanted, raws[1:], strict=True)), started)
+        parsed = [cache.current(raw, generation) for raw in raws[1:]]
+        pointers = _pointers(cache, parsed)
+        if pointers:
+            targets = list(dict.fromkeys(pointers.values()))
+            found = dict(zip(targets, (yield Call("get_many", targets)), strict=True))
+            ticket.observed.update(found)
+            _follow(cache, parsed, pointers, found, generation)
+    except Exception as error:
+        cache.fault("get", error)
+        cache.counters.add("misses", len(idents))
+        return missed(idents)
+    results = [
+        _entity(cache, key, item, via_pointer=index in pointers)
+        for index, (key, item) in enumerate(zip(wanted, parsed, strict=True))
+    ]
+    if len(wanted) != len(keys):  # an ident without a key, or two idents of one key
+        by_key = dict(zip(wanted, results, strict=True))
+        results = [Lookup.MISS if key is None else by_key[key] for key in keys]
+    misses = results.count(Lookup.MISS)
+    if misses < len(results):
+        cache.counters.add("hits", len(results) - misses)
+    if misses:
+        cache.counters.add("misses", misses)
+    return Probe(results, ticket, keys)
+
+
+def _pointers(cache: ModelCache, parsed: list[Payload | None]) -> dict[int, str]:
+    """Index of each ``key_fields`` pointer among ``parsed``, and the key it leads to."""
+    pointers = {}
+    for index, item in enumerate(parsed):
+        target = None if item is None else cache.pointer_target(item)
+        if target is not None:
+            pointers[index] = target
+    return pointers
+
+
+def _follow(
+    cache: ModelCache,
+    parsed: list[Payload | None],
+    pointers: dict[int, str],
+    found: dict[str, bytes | None],
+    generation: str,
+) -> None:
+    """Put in place of each pointer the entity it leads to (``found``), or ``None``."""
+    for index, target in pointers.items():
+        item = cache.current(found[target], generation)
+        parsed[index] = item if item is not None and item.kind == ENTITY else None
+
+
+def _entity(cache: ModelCache, key: str, parsed: Payload | None, *, via_pointer: bool) -> Any:
+    """What an entity key's payload answers: an instance, ``NOT_FOUND`` or ``MISS``.
+
+    An entity is only returned under a key it really has: a payload copied under another
+    row's key is a foreign value, hence a miss.
+    """
+    if parsed is None:
+        return Lookup.MISS
+    kind = parsed.kind
+    if kind == NOT_FOUND:
+        return Lookup.NOT_FOUND
+    if kind == POINTER:  # a pointer that did not lead to an entity
+        return Lookup.MISS
+    if kind != ENTITY:
+        cache.counters.add("errors")
+        logger.warning("%s: ignoring a cache payload of unknown kind %r", cache.name, kind)
+        return Lookup.MISS
+    built = cache.instances(parsed, [parsed.body])
+    if built is None:
+        return Lookup.MISS
+    instance = built[0]
+    if parsed.owner == key:  # these very bytes were already found to be this row's
+        return instance
+    if cache.owns(instance, key):
+        parsed.owner = key
+        return instance
+    if via_pointer:  # the row's key field changed while its old value was unknown
+        logger.debug("%s: %s points to a row that no longer has it", cache.name, key)
+        return Lookup.MISS
+    cache.counters.add("errors")
+    logger.warning("%s: ignoring a cache payload that does not belong to %s", cache.name, key)
+    return Lookup.MISS
+
+
+def load(
+    cache: ModelCache | None, model: type, idents: Sequence[Ident], seen: Probe | None
+) -> Flow[list[Any]]:
+    """Entities in the order asked (``None`` where no row); one database load for all misses.
+
+    ``seen`` is the probe of ``idents`` the caller already made, if any; ``cache`` is ``None``
+    when the cache may not answer (every ident is then loaded, nothing filled).
+    """
+    if seen is None:
+        seen = missed(idents) if cache is None else (yield from probe(cache, idents))
+    results, ticket, keys = list(seen.results), seen.ticket, seen.keys
+    missing = [index for index, result in enumerate(results) if result is Lookup.MISS]
+    if missing:
+        asked = [idents[i] for i in missing]
+        loaded = [item for item in (yield Call(LOAD, asked)) if item is not None]
+        for index, found in zip(missing, match(inspect(model), asked, loaded), strict=True):
+            results[index] = found
+        if cache is not None and ticket is not None:
+            absent = [keys[i] for i in missing if results[i] is None]
+            yield from _fill(cache, ticket, loaded, absent)
+    return [None if result is Lookup.NOT_FOUND else result for result in results]
+
+
+def _fill(
+    cache: ModelCache, ticket: Ticket, loaded: list[Any], absent: list[str | None]
+) -> Flow[None]:
+    """Cache what the database returned, unless the look-up's view of it went stale."""
+    if time.monotonic() - ticket.started >= cache.ttl:
+        return  # tombstones this read may have raced with could be gone: do not fill
+    swaps = _fill_swaps(cache, ticket, loaded, absent)
+    if not swaps:
+        return
+    try:
+        stored = yield Call("compare_and_set", swaps, cache.server_ttl)
+    except Exception as error:
+        cache.fault("fill", error)
+        return
+    written = sum(len(swap[2]) for swap, done in zip(swaps, stored, strict=True) if done)
+    cache.counters.add("bytes", written)
+    cache.counters.add("fills", sum(stored))
+    cache.counters.add("fills_refused", len(stored) - sum(stored))
+
+
+def _fill_swaps(
+    cache: ModelCache, ticket: Ticket, loaded: list[Any], absent: list[str | None]
+) -> list[Swap]:
+    """One compare-and-set per key to fill, against what the look-up saw there."""
+    swaps: list[Swap] = []
+    for instance in loaded:
+        if not _freshness.read_since(instance, ticket.started):
+            logger.debug("%s not cached: read before the cache look-up", cache.name)
+            cache.counters.add("fills_refused")
+            continue
+        writes = cache.entity_writes(ticket.generation, instance)
+        if writes is not None:
+            swaps.extend((key, ticket.observed.get(key), value) for key, value in writes.items())
+    if cache.spec.cache_not_found:
+        not_found = cache.payloads.dump(ticket.generation, NOT_FOUND)
+        swaps.extend((key, ticket.observed.get(key), not_found) for key in absent if key)
+    return swaps
+
+
+# -- query results --------------------------------------------------------------------------------
+
+
+def probe_list(cache: ModelCache, query_key: str) -> Flow[ListProbe]:
+    """The cached result of the query ``query_key`` names (or ``MISS``), and the list version."""
+    key = cache.keys.list_key(query_key)
+    try:
+        raws = yield Call("get_many", [cache.keys.list_version_key, key])
+        version = cache.payloads.token(raws[0]) or (
+            yield from created_token(cache, cache.keys.list_version_key)
+        )
+    except Exception as error:
+        cache.fault("get", error)
+        return ListProbe(Lookup.MISS, None)
+    cached = _listed(cache, cache.current(raws[1], version))
+    cache.counters.add("misses" if cached is Lookup.MISS else "hits")
+    return ListProbe(cached, version)
+
+
+def _listed(cache: ModelCache, parsed: Payload | None) -> Any:
+    if parsed is None or parsed.kind != LIST:
+        return Lookup.MISS
+    body = parsed.body
+    if len(body) == 1 and type(body[0]) is int:
+        return body[0]
+    items = cache.instances(parsed, body)
+    return Lookup.MISS if items is None else items
+
+
+def load_list(cache: ModelCache, query_key: str, seen: ListProbe | None) -> Flow[Any]:
+    """The cached result of ``query_key``, else the loader's, cached under the list version.
+
+    The loader returns a list of instances or an ``int`` (a count). A list of instances is
+    cached as their column values, so a hit builds fresh detached instances.
+    """
+    if seen is None:
+        seen = yield from probe_list(cache, query_key)
+    if seen.result is not Lookup.MISS:
+        return seen.result
+    result = yield Call(LOAD)
+    if seen.version is not None:
+        yield from _store_list(cache, cache.keys.list_key(query_key), seen.version, result)
+    return result
+
+
+def _store_list(cache: ModelCache, key: str, version: str, result: Any) -> Flow[None]:
+    if isinstance(result, int) and not isinstance(result, bool):
+        body: list[Any] = [result]
+    else:
+        try:
+            body = [cache.codec.encode(item) for item in result if type(item) is cache.model]
+        except (UnencodableValueError, TypeError, ValueError) as error:
+            logger.debug("%s list not cached: %s", cache.name, error)
+            return
+        if len(body) != len(result):
+            return
+    payload = cache.fitting(cache.payloads.dump(version, LIST, *body))
+    if payload is None:
+        return
+    try:
+        yield Call("write_many", [(key, payload, cache.server_ttl)])
+    except Exception as error:
+        cache.fault("set", error)
+        return
+    cache.counters.add("bytes", len(payload))
+    cache.counters.add("fills")

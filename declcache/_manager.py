@@ -32,13 +32,13 @@ from declcache._meta import ModelSpec, resolve_spec
 from declcache._model_cache import ModelCache
 from declcache._near import AsyncNearStore, NearCache, NearCacheStats
 from declcache._registry import cached_models, declared_meta
-from declcache._replay import ReplayQueue
+from declcache._replay import Invalidator
 from declcache._stats import FaultLog, ModelStats, StatsHook
 from declcache.exceptions import SettingsError
 from declcache.settings import CacheConfig
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+    from collections.abc import Awaitable, Callable, Iterable, Sequence
 
     from dogpile.cache.region import CacheRegion
 
@@ -87,7 +87,7 @@ class CacheManager:
         )
         if self._enabled:
             _freshness.install()
-        self._queue = ReplayQueue(self._write_replayed)
+        self._invalidations = Invalidator(self._cache)
 
     @staticmethod
     def _dogpile_available() -> bool:
@@ -187,18 +187,12 @@ class CacheManager:
     def _usable(self, model: type) -> ModelCache | None:
         """The model's cache, unless its invalidations are still waiting for the backend."""
         cache = self._cache(model)
-        if cache is None or not self._queue:
-            return cache
-        self._queue.replay()
-        return None if self._queue.holds(model) else cache
+        return None if cache is None or self._invalidations.blocks(model) else cache
 
     async def _ausable(self, model: type) -> ModelCache | None:
-        """:meth:`_usable` for a coroutine: a due replay runs in a worker thread."""
+        """:meth:`_usable` for a coroutine."""
         cache = self._cache(model)
-        if cache is None or not self._queue:
-            return cache
-        await asyncio.to_thread(self._queue.replay)
-        return None if self._queue.holds(model) else cache
+        return None if cache is None or await self._invalidations.ablocks(model) else cache
 
     # -- entity reads ----------------------------------------------------------------------
 
@@ -401,54 +395,11 @@ class CacheManager:
 
         What the backend cannot take now is queued and replayed when it answers again.
         """
-        for model, cache, change in self._to_write(changes):
-            try:
-                run(_invalidation.invalidate(cache, change), cache.store)
-            except Exception as error:
-                self._queue_fault(model, cache, change, error)
-        if self._queue:
-            self._queue.replay()
+        self._invalidations.apply(changes)
 
     async def aapply(self, changes: Mapping[type, ModelChanges]) -> None:
-        """:meth:`apply` for a coroutine: written on the async store; a replay in a thread."""
-        for model, cache, change in self._to_write(changes):
-            try:
-                await arun(_invalidation.invalidate(cache, change), cache.astore)
-            except Exception as error:
-                self._queue_fault(model, cache, change, error)
-        if self._queue:
-            await asyncio.to_thread(self._queue.replay)
-
-    def _to_write(
-        self, changes: Mapping[type, ModelChanges]
-    ) -> Iterator[tuple[type, ModelCache, ModelChanges]]:
-        """The changes of cached models to write now; queued after queued ones, in order."""
-        for model, change in changes.items():
-            cache = self._cache(model)
-            if cache is None:
-                continue
-            if self._queue:  # keep the order: nothing overtakes what is already queued
-                self._enqueue(model, change)
-                continue
-            yield model, cache, change
-
-    def _queue_fault(
-        self, model: type, cache: ModelCache, change: ModelChanges, error: Exception
-    ) -> None:
-        cache.fault("invalidate", error)
-        self._enqueue(model, change)
-
-    def _enqueue(self, model: type, change: ModelChanges) -> None:
-        cache = self._cache(model)
-        kept = self._queue.add(model, change)
-        if cache is not None:
-            cache.counters.add("invalidations_queued" if kept else "invalidations_overflowed")
-
-    def _write_replayed(self, model: type, change: ModelChanges | None) -> None:
-        cache = self._cache(model)
-        if cache is not None:
-            change = change or ModelChanges(whole_model=True)
-            run(_invalidation.invalidate(cache, change), cache.store)
+        """:meth:`apply` for a coroutine, awaited on the async store."""
+        await self._invalidations.aapply(changes)
 
     def invalidate(self, model: type, key: Ident) -> bool:
         """Drop the cached entity ``key`` names, and every cached list of the model.
@@ -479,14 +430,14 @@ class CacheManager:
                 change.whole_model = True
             else:
                 change.keys.add((primary_key, pointed))
-        return self._invalidate_now(model, change)
+        return self._invalidations.applied(model, change)
 
     def invalidate_model(self, model: type) -> bool:
         """Drop every cached entity and list of ``model`` at once (a new generation token).
 
         Use it after writing the model's table outside the ORM (Core on a bare connection).
         """
-        return self._invalidate_now(model, ModelChanges(whole_model=True))
+        return self._invalidations.applied(model, ModelChanges(whole_model=True))
 
     def clear(self) -> bool:
         """Drop everything this manager cached, for every model with a CacheMeta.
@@ -496,14 +447,6 @@ class CacheManager:
         """
         results = [self.invalidate_model(model) for model in cached_models()]
         return all(results)
-
-    def _invalidate_now(self, model: type, change: ModelChanges) -> bool:
-        cache = self._cache(model)
-        if cache is None:
-            return True
-        before = cache.counters.snapshot().invalidations_queued
-        self.apply({model: change})
-        return cache.counters.snapshot().invalidations_queued == before
 
     # -- closing -----------------------------------------------------------------------------
 
@@ -515,14 +458,7 @@ class CacheManager:
         last attempt first, so a process that exits does not take them along. Nothing
         cached is dropped. An async app awaits :meth:`aclose` instead.
         """
-        if self._queue:
-            self._queue.replay(now=True)
-            if self._queue:
-                logger.warning(
-                    "closing with %d invalidations the backend has not taken: other processes"
-                    " may read those rows from the cache until their ttl ends",
-                    self._queue.size,
-                )
+        self._invalidations.flush()
         for cache in self._built_caches():
             cache.store.reset_connections()
         if self._backend is not None:
@@ -560,4 +496,4 @@ class CacheManager:
     @property
     def pending_invalidations(self) -> int:
         """Invalidations waiting for the backend to come back (0 when all is well)."""
-        return self._queue.size
+        return self._invalidations.pending

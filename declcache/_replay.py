@@ -1,8 +1,10 @@
-"""Invalidations the backend could not take, kept and replayed when it answers again.
+"""Invalidations written after each commit; what the backend cannot take, kept and replayed.
 
 A commit must never fail because the cache is down, and what it should have invalidated must
-not be forgotten either. The queue is bounded: past its limit a model is only *marked*, and
-on recovery its generation token is replaced, which invalidates all of it at once.
+not be forgotten either. :class:`Invalidator` writes each commit's changes (the flow of
+:func:`declcache._invalidation.invalidate`) and queues what fails; while a model has queued
+invalidations its cache is not read. The queue is bounded: past its limit a model is only
+*marked*, and on recovery its generation token is replaced, which invalidates all of it at once.
 
 While anything is queued a daemon thread retries every :data:`REPLAY_INTERVAL` seconds, so
 an idle (or exiting-soon) process still delivers its invalidations to the processes that
@@ -12,18 +14,22 @@ time, and entries are removed only once written.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 from collections import deque
 from typing import TYPE_CHECKING
 
+from declcache._driver import arun, run
+from declcache._invalidation import ModelChanges, invalidate
+
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator, Mapping
 
-    from declcache._invalidation import ModelChanges
+    from declcache._model_cache import ModelCache
 
-__all__ = ["INVALIDATION_QUEUE_LIMIT", "REPLAY_INTERVAL", "ReplayQueue"]
+__all__ = ["INVALIDATION_QUEUE_LIMIT", "REPLAY_INTERVAL", "Invalidator", "ReplayQueue"]
 
 logger = logging.getLogger("declcache.manager")
 
@@ -121,3 +127,107 @@ class ReplayQueue:
             logger.info("replayed %d queued invalidations after a backend fault", len(pending))
         finally:
             self._replay_lock.release()
+
+
+class Invalidator:
+    """One manager's invalidations: written now, or queued for replay.
+
+    Args:
+        cache_of: the manager's :class:`~declcache._model_cache.ModelCache` of a model, or
+            ``None`` when it does not cache it.
+    """
+
+    def __init__(self, cache_of: Callable[[type], ModelCache | None]) -> None:
+        self._cache_of = cache_of
+        self._queue = ReplayQueue(self._write_replayed)
+
+    @property
+    def pending(self) -> int:
+        """Invalidations waiting for the backend to come back (0 when all is well)."""
+        return self._queue.size
+
+    def apply(self, changes: Mapping[type, ModelChanges]) -> None:
+        """Invalidate what a committed transaction changed; never raises."""
+        for model, cache, change in self._to_write(changes):
+            try:
+                run(invalidate(cache, change), cache.store)
+            except Exception as error:
+                self._failed(model, cache, change, error)
+        if self._queue:
+            self._queue.replay()
+
+    async def aapply(self, changes: Mapping[type, ModelChanges]) -> None:
+        """:meth:`apply` for a coroutine: written on the async store; a replay in a thread."""
+        for model, cache, change in self._to_write(changes):
+            try:
+                await arun(invalidate(cache, change), cache.astore)
+            except Exception as error:
+                self._failed(model, cache, change, error)
+        if self._queue:
+            await asyncio.to_thread(self._queue.replay)
+
+    def applied(self, model: type, change: ModelChanges) -> bool:
+        """:meth:`apply` of one change; whether the backend took it (not queued)."""
+        cache = self._cache_of(model)
+        if cache is None:
+            return True
+        before = cache.counters.snapshot().invalidations_queued
+        self.apply({model: change})
+        return cache.counters.snapshot().invalidations_queued == before
+
+    def blocks(self, model: type) -> bool:
+        """Whether ``model``'s cache must not be read: invalidations of it are still queued.
+
+        Tries a replay first (at most once per interval).
+        """
+        if not self._queue:
+            return False
+        self._queue.replay()
+        return self._queue.holds(model)
+
+    async def ablocks(self, model: type) -> bool:
+        """:meth:`blocks` for a coroutine: a due replay runs in a worker thread."""
+        if not self._queue:
+            return False
+        await asyncio.to_thread(self._queue.replay)
+        return self._queue.holds(model)
+
+    def flush(self) -> None:
+        """A last attempt at what is queued; a warning when the backend still refuses it."""
+        if not self._queue:
+            return
+        self._queue.replay(now=True)
+        if self._queue:
+            logger.warning(
+                "closing with %d invalidations the backend has not taken: other processes"
+                " may read those rows from the cache until their ttl ends",
+                self._queue.size,
+            )
+
+    def _to_write(
+        self, changes: Mapping[type, ModelChanges]
+    ) -> Iterator[tuple[type, ModelCache, ModelChanges]]:
+        """The changes of cached models to write now; queued after queued ones, in order."""
+        for model, change in changes.items():
+            cache = self._cache_of(model)
+            if cache is None:
+                continue
+            if self._queue:  # keep the order: nothing overtakes what is already queued
+                self._enqueue(model, cache, change)
+                continue
+            yield model, cache, change
+
+    def _failed(
+        self, model: type, cache: ModelCache, change: ModelChanges, error: Exception
+    ) -> None:
+        cache.fault("invalidate", error)
+        self._enqueue(model, cache, change)
+
+    def _enqueue(self, model: type, cache: ModelCache, change: ModelChanges) -> None:
+        kept = self._queue.add(model, change)
+        cache.counters.add("invalidations_queued" if kept else "invalidations_overflowed")
+
+    def _write_replayed(self, model: type, change: ModelChanges | None) -> None:
+        cache = self._cache_of(model)
+        if cache is not None:
+            run(invalidate(cache, change or ModelChanges(whole_model=True)), cache.store)

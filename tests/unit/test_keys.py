@@ -17,8 +17,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import (
+    JSON,
     BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
     Integer,
+    Numeric,
     String,
     Text,
     Uuid,
@@ -26,7 +32,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, mapped_column
 
-from declcache import CacheManager
+import declcache
+from declcache import CacheManager, _keys
+from declcache._codec import CODEC_VERSION
 from declcache._keys import MAX_KEY_BYTES, KeyBuilder
 
 
@@ -342,10 +350,51 @@ def test_fingerprint_is_deterministic(make_base: Any) -> None:
             {**BASE_COLUMNS, "id": lambda: mapped_column(BigInteger, primary_key=True)},
             id="type-bigint",
         ),
+        pytest.param({**BASE_COLUMNS, "name": lambda: mapped_column(JSON)}, id="type-json"),
+        pytest.param(
+            {**BASE_COLUMNS, "name": lambda: mapped_column(Enum("a", "b", name="kind"))},
+            id="type-enum",
+        ),
     ],
 )
 def test_fingerprint_changes_with_the_columns(make_base: Any, columns: dict[str, Any]) -> None:
     assert fingerprint_of(make_base, columns) != fingerprint_of(make_base)
+
+
+#: Pairs of column types that store the same Python type but not the same values: a cached row
+#: of one must never be decoded as the other.
+TYPE_CHANGES = [
+    pytest.param(Numeric(12, 2), Numeric(12, 4), id="numeric-scale"),
+    pytest.param(Numeric(12, 2), Numeric(14, 2), id="numeric-precision"),
+    pytest.param(Numeric(12, 2), Numeric(12, 2, asdecimal=False), id="numeric-as-float"),
+    pytest.param(Numeric(12, 2), Float(), id="numeric-to-float"),
+    pytest.param(DateTime(), DateTime(timezone=True), id="datetime-timezone"),
+    pytest.param(Enum("a", "b", name="kind"), Enum("a", "b", "c", name="kind"), id="enum-member"),
+    pytest.param(Uuid(), Uuid(as_uuid=False), id="uuid-as-string"),
+    pytest.param(Boolean(), Integer(), id="boolean-to-integer"),
+]
+
+
+@pytest.mark.parametrize(("before", "after"), TYPE_CHANGES)
+def test_fingerprint_changes_with_a_column_type_that_stores_another_shape(
+    make_base: Any, before: Any, after: Any
+) -> None:
+    def with_value_type(type_: Any) -> dict[str, Any]:
+        return {**BASE_COLUMNS, "value": lambda: mapped_column(type_, nullable=True)}
+
+    assert fingerprint_of(make_base, with_value_type(before)) != fingerprint_of(
+        make_base, with_value_type(after)
+    )
+
+
+def test_fingerprint_changes_with_the_codec_version(
+    make_base: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A codec that encodes a column differently must never read its old payloads."""
+    today = fingerprint_of(make_base)
+    monkeypatch.setattr(_keys, "CODEC_VERSION", CODEC_VERSION + 1)
+
+    assert fingerprint_of(make_base) != today
 
 
 def test_fingerprint_changes_with_the_table(make_base: Any) -> None:
@@ -383,6 +432,7 @@ FINGERPRINT_MODULE = """
     import enum
     import uuid
 
+    import declcache
     from sqlalchemy import JSON, DateTime, Enum, Numeric, String, Uuid, inspect
     from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -415,6 +465,7 @@ FINGERPRINT_MODULE = """
 
     spec = CacheManager().spec(Order)
     keys = KeyBuilder("dc:", inspect(Order), spec.serializer)
+    print(declcache.__file__)
     print(spec.fingerprint)
     print(keys.entity_key(("id",), (uuid.UUID(int=1),)))
     print(keys.entity_key(("code",), ("A 1",)))
@@ -426,13 +477,15 @@ def test_fingerprint_and_keys_are_stable_across_processes(tmp_path: Path) -> Non
         textwrap.dedent(FINGERPRINT_MODULE), encoding="utf-8"
     )
     environment = {k: v for k, v in os.environ.items() if not k.startswith("DECLCACHE_")}
+    tree_under_test = Path(declcache.__file__).parent.parent  # not whatever is installed
+    path = os.pathsep.join([str(tmp_path), str(tree_under_test)])
 
     outputs = []
     for hash_seed in ("1", "2"):
         result = subprocess.run(
             [sys.executable, "-c", "import fingerprint_models"],
             cwd=tmp_path,
-            env={**environment, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": str(tmp_path)},
+            env={**environment, "PYTHONHASHSEED": hash_seed, "PYTHONPATH": path},
             capture_output=True,
             text=True,
             check=False,
@@ -442,6 +495,7 @@ def test_fingerprint_and_keys_are_stable_across_processes(tmp_path: Path) -> Non
         outputs.append(result.stdout.split())
 
     assert outputs[0] == outputs[1]
-    fingerprint, *keys = outputs[0]
+    imported, fingerprint, *keys = outputs[0]
+    assert Path(imported) == Path(declcache.__file__)
     assert len(fingerprint) >= 8
     assert all(fingerprint in key and is_backend_safe(key) for key in keys)

@@ -1,0 +1,104 @@
+"""Every private API of another library declcache relies on still does what it is used for.
+
+``declcache/_private_apis.py`` is the one module that touches private names of SQLAlchemy,
+dogpile.cache and redis-py (and valkey-py). A new release may move any of them; each test
+below calls one against the installed versions, so such a release fails here, naming the API,
+instead of somewhere deep in a cache read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import pytest
+from dogpile.cache import make_region
+from dogpile.cache import region as dogpile_region
+from sqlalchemy import Integer, create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.util import greenlet_spawn
+
+from declcache import _payload, _private_apis
+from tests import _servers
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Thing(Base):
+    __tablename__ = "things"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
+def test_session_is_clean_tells_a_session_with_changes() -> None:
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        assert _private_apis.session_is_clean(session)
+        session.add(Thing(id=1))
+        assert not _private_apis.session_is_clean(session)
+        session.flush()
+        assert _private_apis.session_is_clean(session)
+        session.get(Thing, 1).id = 2  # type: ignore[union-attr]
+        assert not _private_apis.session_is_clean(session)
+
+
+def test_statement_cache_key_separates_shape_from_values() -> None:
+    one = _private_apis.statement_cache_key(select(Thing).where(Thing.id == 1))
+    two = _private_apis.statement_cache_key(select(Thing).where(Thing.id == 2))
+    other = _private_apis.statement_cache_key(select(Thing).where(Thing.id > 1))
+
+    assert one is not None
+    assert two is not None
+    assert other is not None
+    assert one.key == two.key != other.key
+    assert [param.value for param in one.bindparams] == [1]
+
+
+def test_dbm_opener_opens_the_file_under_dogpiles_lock(tmp_path: Path) -> None:
+    region = make_region().configure(
+        "dogpile.cache.dbm", arguments={"filename": str(tmp_path / "cache.dbm")}
+    )
+    opener = _private_apis.dbm_opener(region.backend)
+
+    with opener(True) as db:
+        db["key"] = b"value"
+    with opener(False) as db:
+        assert db["key"] == b"value"
+
+
+@pytest.mark.parametrize("client", ["redis", "valkey"])
+def test_resp3_parser_handles_invalidation_pushes(client: str) -> None:
+    parser = _private_apis.resp3_parser(client)
+
+    assert parser.__name__ == "_RESP3Parser"
+    assert callable(parser.set_invalidation_push_handler)  # type: ignore[attr-defined]
+
+
+def test_socket_of_a_connected_redis_connection() -> None:
+    import redis
+
+    host, port = _servers.redis_address()
+    connection = redis.Connection(host=host, port=port)
+    assert _private_apis.socket_of(connection) is None
+    connection.connect()
+    try:
+        assert _private_apis.socket_of(connection).fileno() >= 0
+    finally:
+        connection.disconnect()
+
+
+def test_await_only_runs_a_coroutine_from_sqlalchemys_greenlet() -> None:
+    def inside() -> tuple[bool, int]:
+        return _private_apis.in_greenlet(), _private_apis.await_only(asyncio.sleep(0, result=5))
+
+    assert not _private_apis.in_greenlet()
+    assert asyncio.run(greenlet_spawn(inside)) == (True, 5)
+
+
+def test_payloads_use_dogpiles_value_layout_version() -> None:
+    assert _payload.value_version == dogpile_region.value_version

@@ -64,6 +64,8 @@ class Backend:
     blocking: ClassVar[bool] = True
     #: Whether a near cache (Redis client tracking) can keep a copy of its values coherent.
     near_cache: ClassVar[bool] = False
+    #: Whether what is written can be read back (the null backend keeps nothing).
+    keeps_values: ClassVar[bool] = True
 
     def __init__(self, name: str, arguments: Mapping[str, Any], settings: BackendSettings) -> None:
         self.name = name

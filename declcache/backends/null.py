@@ -45,6 +45,7 @@ class Null(Backend):
     """``dogpile.cache.null``: caches nothing, never blocks."""
 
     blocking = False
+    keeps_values = False
 
     @classmethod
     def parse_url(cls, url: str) -> dict[str, Any]:

@@ -263,6 +263,10 @@ class Redis(Backend):
     """
 
     near_cache = True
+    #: Whether the regions of one manager share the first region's connection pool.
+    shares_pool: ClassVar[bool] = True
+    #: Whether the async store is the client's own asyncio API (else a worker thread).
+    native_async: ClassVar[bool] = True
     #: The client package: ``redis`` (redis-py) or a fork with its API.
     client: ClassVar[str] = "redis"
     #: dogpile's argument for the server-side expiry of every key.
@@ -321,7 +325,7 @@ class Redis(Backend):
 
     def _shared(self, arguments: dict[str, Any], first: CacheRegion | None) -> dict[str, Any]:
         """Reuse the first region's connection pool, unless a URL or a pool is given."""
-        if first is None or "url" in arguments or "connection_pool" in arguments:
+        if not self.shares_pool or first is None or {"url", "connection_pool"} & set(arguments):
             return arguments
         return {**arguments, "connection_pool": first.backend.writer_client.connection_pool}
 
@@ -342,7 +346,7 @@ class Redis(Backend):
         for known, found in self._async_stores:
             if known is pool:
                 return found
-        native = self._native_async_store(pool)
+        native = self._native_async_store(pool) if self.native_async else None
         if native is None:
             return super().async_store(region, store)
         self._async_stores.append((pool, native))
@@ -391,9 +395,15 @@ _CLUSTER_CONNECTION_ARGUMENTS = (
 
 
 class RedisCluster(Redis):
-    """``dogpile.cache.redis_cluster``: any node of a cluster; keys routed per slot."""
+    """``dogpile.cache.redis_cluster``: any node of a cluster; keys routed per slot.
+
+    Each region keeps its own cluster client, whose sync calls route each key to its node
+    (in a worker thread for coroutines).
+    """
 
     near_cache = False
+    shares_pool = False
+    native_async = False
 
     @classmethod
     def parse_url(cls, url: str) -> dict[str, Any]:
@@ -426,24 +436,21 @@ class RedisCluster(Redis):
         arguments["connection_kwargs"] = connection_kwargs
         return arguments
 
-    def _shared(self, arguments: dict[str, Any], first: CacheRegion | None) -> dict[str, Any]:
-        """Each region keeps its own cluster client."""
-        del first
-        return arguments
-
     def store(self, region: CacheRegion) -> Store:
         """One call per key where a call must stay within one slot."""
         return ClusterStore(region.backend.writer_client)
 
-    def async_store(self, region: CacheRegion, store: Store) -> AsyncStore:
-        """The sync cluster client in a worker thread: it routes each key to its node."""
-        return Backend.async_store(self, region, store)
-
 
 class RedisSentinel(Redis):
-    """``dogpile.cache.redis_sentinel``: the master a group of Sentinels names."""
+    """``dogpile.cache.redis_sentinel``: the master a group of Sentinels names.
+
+    Each region asks the Sentinels for the master itself, and the Sentinels may elect
+    another one at any call (in a worker thread for coroutines).
+    """
 
     near_cache = False
+    shares_pool = False
+    native_async = False
 
     @classmethod
     def parse_url(cls, url: str) -> dict[str, Any]:
@@ -475,12 +482,3 @@ class RedisSentinel(Redis):
         # dogpile turns its region-level lock on for Sentinel; declcache decides that itself.
         arguments.setdefault("distributed_lock", False)
         return arguments
-
-    def _shared(self, arguments: dict[str, Any], first: CacheRegion | None) -> dict[str, Any]:
-        """Each region asks the Sentinels for the master itself."""
-        del first
-        return arguments
-
-    def async_store(self, region: CacheRegion, store: Store) -> AsyncStore:
-        """The sync client in a worker thread: the Sentinels elect the server per call."""
-        return Backend.async_store(self, region, store)

@@ -19,6 +19,7 @@ import copy
 import datetime as dt
 import decimal
 import enum
+import hashlib
 import uuid
 import zoneinfo
 from collections.abc import Callable
@@ -28,11 +29,20 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from sqlalchemy import types as sqltypes
 from sqlalchemy.orm.attributes import instance_state
 
+from declcache._keys import primary_key_names
+
 if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper
     from sqlalchemy.sql.type_api import TypeEngine
 
-__all__ = ["CODEC_VERSION", "ModelCodec", "Row", "UnencodableValueError", "cached_columns"]
+__all__ = [
+    "CODEC_VERSION",
+    "ModelCodec",
+    "Row",
+    "UnencodableValueError",
+    "cached_columns",
+    "fingerprint",
+]
 
 #: Bumped whenever an encoding below changes, so old payloads are never decoded.
 CODEC_VERSION = 2
@@ -285,6 +295,19 @@ def cached_columns(mapper: Mapper[Any]) -> list[tuple[str, TypeEngine[Any]]]:
     ]
 
 
+def fingerprint(mapper: Mapper[Any], format_name: str) -> str:
+    """A short hash of everything that decides how a cached row of this model is shaped."""
+    cls = mapper.class_
+    shape = [
+        f"{cls.__module__}.{cls.__qualname__}",
+        ",".join(table.fullname for table in mapper.tables),
+        *(f"{key}:{type_!r}" for key, type_ in cached_columns(mapper)),
+        f"format={format_name}",
+        f"codec={CODEC_VERSION}",
+    ]
+    return hashlib.sha256("\n".join(shape).encode()).hexdigest()[:12]
+
+
 class ModelCodec:
     """Encode one model's instances to a plain list and decode them back, detached."""
 
@@ -304,7 +327,7 @@ class ModelCodec:
         self.keys = tuple(column.key for column in self._columns)
         self._new_instance = mapper.class_manager.new_instance
         self._mapper = mapper
-        self._primary_key = tuple(mapper.get_property_by_column(c).key for c in mapper.primary_key)
+        self._primary_key = primary_key_names(mapper)
         # Per column: (key, a type taken as it is, converter for anything else); a strict
         # column's converter raises, and a JSON column has no converter at all.
         self._plan = tuple(

@@ -12,8 +12,8 @@ than 250 bytes. Key values are percent-encoded (so ``"a b"``, unicode and ``:`` 
 ``1`` never collides with ``"1,2"``), and a key that would still be too long keeps its
 readable head and replaces the rest by a hash.
 
-The fingerprint hashes the model's identity, table, column names and column types, the payload
-format and the codec version: change any of them and every old key is simply never read again.
+Every key holds the model's schema fingerprint (:func:`declcache._codec.fingerprint`): change
+the columns, their types, the format or the codec, and every old key is simply never read again.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from urllib.parse import quote
 from sqlalchemy import types as sqltypes
 from sqlalchemy.orm.attributes import instance_state
 
-from declcache._codec import CODEC_VERSION, cached_columns
-
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
@@ -42,7 +40,6 @@ __all__ = [
     "MAX_KEY_BYTES",
     "KeyBuilder",
     "KeySet",
-    "fingerprint",
     "ident_parts",
     "match",
     "normalized",
@@ -150,19 +147,6 @@ def _quoted(normalize: Callable[[Any], str]) -> Callable[[Any], str]:
     return lambda value: _encode_value(normalize(value))
 
 
-def fingerprint(mapper: Mapper[Any], format_name: str) -> str:
-    """A short hash of everything that decides how a cached row of this model is shaped."""
-    cls = mapper.class_
-    shape = [
-        f"{cls.__module__}.{cls.__qualname__}",
-        ",".join(table.fullname for table in mapper.tables),
-        *(f"{key}:{type_!r}" for key, type_ in cached_columns(mapper)),
-        f"format={format_name}",
-        f"codec={CODEC_VERSION}",
-    ]
-    return hashlib.sha256("\n".join(shape).encode()).hexdigest()[:12]
-
-
 # -- keys -------------------------------------------------------------------------------------
 
 
@@ -175,7 +159,7 @@ class KeyBuilder:
     Args:
         prefix: the manager's key prefix.
         mapper: the model's mapper.
-        format_name: the payload format's name (part of the fingerprint).
+        fingerprint: the model's schema fingerprint (the spec's).
         key_sets: the ``key_fields`` sets naming one entity besides the primary key.
     """
 
@@ -190,11 +174,10 @@ class KeyBuilder:
     )
 
     def __init__(
-        self, prefix: str, mapper: Mapper[Any], format_name: str, key_sets: Sequence[KeySet] = ()
+        self, prefix: str, mapper: Mapper[Any], fingerprint: str, key_sets: Sequence[KeySet] = ()
     ) -> None:
         self._mapper = mapper
-        self.head = f"{prefix}{_encode_value(mapper.class_.__name__)}:"
-        self.head += fingerprint(mapper, format_name)
+        self.head = f"{prefix}{_encode_value(mapper.class_.__name__)}:{fingerprint}"
         self.primary_key = primary_key_names(mapper)
         #: Every key naming one entity, the primary key first.
         self.key_sets = (self.primary_key, *(keys for keys in key_sets if keys != self.primary_key))

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Mapper, Session, attributes
 from sqlalchemy.orm.base import PassiveFlag
 
 from declcache._invalidation import ModelChanges
+from declcache._keys import primary_key_names
 from declcache._private_apis import await_only, in_greenlet
 from declcache._registry import cached_models
 
@@ -127,7 +128,7 @@ def _old_and_new(instance: object, fields: tuple[str, ...]) -> set[tuple[Any, ..
     """
     state = inspect(instance)
     identity = (
-        dict(zip(_primary_key_names(state.mapper), state.key[1], strict=True)) if state.key else {}
+        dict(zip(primary_key_names(state.mapper), state.key[1], strict=True)) if state.key else {}
     )
     old, new = [], []
     for name in fields:
@@ -144,10 +145,6 @@ def _old_and_new(instance: object, fields: tuple[str, ...]) -> set[tuple[Any, ..
         new.append(value)
         old.append(history.deleted[0] if history.deleted else value)
     return {values for values in (tuple(old), tuple(new)) if None not in values}
-
-
-def _primary_key_names(mapper: Mapper[Any]) -> list[str]:
-    return [mapper.get_property_by_column(column).key for column in mapper.primary_key]
 
 
 def _after_row_written(mapper: Mapper[Any], _connection: object, target: object) -> None:

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Column, PrimaryKeyConstraint, UniqueConstraint
 
-from declcache._keys import fingerprint
+from declcache._codec import fingerprint
+from declcache._keys import primary_key_names
 from declcache.exceptions import CacheMetaError, SettingsError
 from declcache.serializers import SerializationFormat, resolve_format
 
@@ -342,7 +343,7 @@ def resolve_spec(mapper: Mapper[Any], declared: DeclaredMeta, config: SpecSettin
         else:
             values[option.name], sources[option.name] = _default(option, mapper, config)
     format_name, format_ = values.pop("serializer")
-    primary_key = tuple(mapper.get_property_by_column(column).key for column in mapper.primary_key)
+    primary_key = primary_key_names(mapper)
     other_keys = [keys for keys in values.pop("key_fields") if keys != primary_key]
     return ModelSpec(
         model=mapper.class_,

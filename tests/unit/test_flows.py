@@ -41,7 +41,7 @@ class Member(Base):
 def cache() -> ModelCache:
     spec = CacheManager().spec(Member)
     assert spec is not None
-    keys = KeyBuilder("t:", inspect(Member), spec.serializer, spec.key_fields)
+    keys = KeyBuilder("t:", inspect(Member), spec.fingerprint, spec.key_fields)
     return ModelCache(
         spec,
         keys,

@@ -33,8 +33,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, mapped_column
 
 import declcache
-from declcache import CacheManager, _keys
-from declcache._codec import CODEC_VERSION
+from declcache import CacheManager, _codec
+from declcache._codec import CODEC_VERSION, fingerprint
 from declcache._keys import MAX_KEY_BYTES, KeyBuilder
 
 
@@ -61,7 +61,7 @@ def make_model(
 
 
 def keys_of(model: type, prefix: str = "dc:", serializer: str = "json") -> KeyBuilder:
-    return KeyBuilder(prefix, inspect(model), serializer)
+    return KeyBuilder(prefix, inspect(model), fingerprint(inspect(model), serializer))
 
 
 @pytest.fixture
@@ -392,7 +392,7 @@ def test_fingerprint_changes_with_the_codec_version(
 ) -> None:
     """A codec that encodes a column differently must never read its old payloads."""
     today = fingerprint_of(make_base)
-    monkeypatch.setattr(_keys, "CODEC_VERSION", CODEC_VERSION + 1)
+    monkeypatch.setattr(_codec, "CODEC_VERSION", CODEC_VERSION + 1)
 
     assert fingerprint_of(make_base) != today
 
@@ -464,7 +464,7 @@ FINGERPRINT_MODULE = """
 
 
     spec = CacheManager().spec(Order)
-    keys = KeyBuilder("dc:", inspect(Order), spec.serializer)
+    keys = KeyBuilder("dc:", inspect(Order), spec.fingerprint)
     print(declcache.__file__)
     print(spec.fingerprint)
     print(keys.entity_key(("id",), (uuid.UUID(int=1),)))

@@ -342,11 +342,13 @@ class Redis(Backend):
 
         The adapter serves a connection kind the async client has no counterpart for.
         """
+        if not self.native_async:
+            return super().async_store(region, store)
         pool = region.backend.writer_client.connection_pool
         for known, found in self._async_stores:
             if known is pool:
                 return found
-        native = self._native_async_store(pool) if self.native_async else None
+        native = self._native_async_store(pool)
         if native is None:
             return super().async_store(region, store)
         self._async_stores.append((pool, native))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make the test servers available: memcached, Redis and PostgreSQL.
+# Make the test servers available: memcached, Redis, Valkey and PostgreSQL.
 #
 # Idempotent: a server that already answers is left alone. Never fails: a server that cannot be
 # installed or started is reported, and the tests decide (skip locally, fail under CI=true).
@@ -7,6 +7,8 @@
 # Addresses (the same variables the tests read):
 #   DECLCACHE_TEST_MEMCACHED  host:port, default 127.0.0.1:11211
 #   DECLCACHE_TEST_REDIS      host:port, default 127.0.0.1:6379
+#   DECLCACHE_TEST_VALKEY     host:port, no default: the tests start a private valkey-server, or
+#                             a private redis-server where Valkey cannot be installed
 #   PostgreSQL is looked for on 127.0.0.1:5432 (DECLCACHE_TEST_POSTGRES_URL is read by the tests).
 set -uo pipefail
 
@@ -126,6 +128,42 @@ ensure_redis() {
     return 0
 }
 
+# --- Valkey ----------------------------------------------------------------------------------
+# Nothing to start: without DECLCACHE_TEST_VALKEY the tests start a private valkey-server per
+# run. Only the binary is wanted, and redis-server speaks the same protocol where the Debian
+# release has no valkey-server package (bookworm): the tests then start that instead.
+ensure_valkey() {
+    local host port
+    if [[ -n "${DECLCACHE_TEST_VALKEY:-}" ]]; then
+        host=${DECLCACHE_TEST_VALKEY%:*} port=${DECLCACHE_TEST_VALKEY##*:}
+        if listening "$host" "$port"; then
+            say "valkey already answers on $host:$port"
+            return 0
+        fi
+        say "WARNING: nothing answers on $host:$port (DECLCACHE_TEST_VALKEY);" \
+            "the tests will start a private server instead"
+    fi
+    if command -v valkey-server >/dev/null 2>&1; then
+        say "valkey-server is installed; the tests start a private one"
+        return 0
+    fi
+    say "valkey-server not found; installing the Debian package (apt-get)"
+    if command -v apt-get >/dev/null 2>&1 \
+        && as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+        && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valkey-server \
+            >/dev/null 2>&1 \
+        && command -v valkey-server >/dev/null 2>&1; then
+        say "valkey-server installed; the tests start a private one"
+    elif command -v redis-server >/dev/null 2>&1; then
+        say "could not install valkey-server (no package for this release, or no root);" \
+            "the Valkey tests run on a private redis-server (same protocol)"
+    else
+        say "WARNING: neither valkey-server nor redis-server is installed;" \
+            "Valkey tests will skip locally and fail under CI=true"
+    fi
+    return 0
+}
+
 # --- PostgreSQL ------------------------------------------------------------------------------
 ensure_postgres() {
     local version
@@ -151,5 +189,6 @@ ensure_postgres() {
 
 ensure_memcached
 ensure_redis
+ensure_valkey
 ensure_postgres
 exit 0

@@ -1,19 +1,24 @@
-"""Find (or start) the servers the tests run against: Redis, memcached and PostgreSQL.
+"""Find (or start) the servers the tests run against: Redis, Valkey, memcached and PostgreSQL.
 
 Plain functions, no fixtures (``tests/conftest.py`` wraps them). Each address comes from one
 environment variable and falls back to a default:
 
 ==============================  ====================================================
 ``DECLCACHE_TEST_REDIS``        ``host:port``, default ``127.0.0.1:6379``
+``DECLCACHE_TEST_VALKEY``       ``host:port``, no default: a private server by default
 ``DECLCACHE_TEST_MEMCACHED``    ``host:port``, default ``127.0.0.1:11211``
 ``DECLCACHE_TEST_POSTGRES_URL`` default ``postgresql+psycopg://postgres@127.0.0.1:5432/test``
 ==============================  ====================================================
 
 When nothing answers at the Redis or memcached address but the server binary is installed, a
-private server is started on a free loopback port instead. PostgreSQL tests always get a fresh
-database of their own, dropped at exit. A server that cannot be had skips the test locally and
-fails it under ``CI=true`` (see :func:`unavailable`). Everything this module starts or creates is
-stopped or dropped when the process exits.
+private server is started on a free loopback port instead. Valkey has no usual address (6379 is
+Redis's): unless ``DECLCACHE_TEST_VALKEY`` names one that answers, a private ``valkey-server``
+is started, or a private ``redis-server`` where Valkey is not installed (Debian bookworm has no
+package): it speaks the same protocol, which is all the ``valkey`` client needs.
+
+PostgreSQL tests always get a fresh database of their own, dropped at exit. A server that
+cannot be had skips the test locally and fails it under ``CI=true`` (see :func:`unavailable`).
+Everything this module starts or creates is stopped or dropped when the process exits.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
 REDIS_ENV = "DECLCACHE_TEST_REDIS"
+VALKEY_ENV = "DECLCACHE_TEST_VALKEY"
 MEMCACHED_ENV = "DECLCACHE_TEST_MEMCACHED"
 POSTGRES_ENV = "DECLCACHE_TEST_POSTGRES_URL"
 
@@ -82,8 +88,11 @@ def _run_prefix() -> str:
     return f"dct{secrets.token_hex(4)}:"
 
 
-def _parse_address(env: str, default: str) -> tuple[str, int]:
+def _parse_address(env: str, default: str | None) -> tuple[str, int] | None:
+    """The address ``env`` names, else ``default``; ``None`` when there is neither."""
     value = os.environ.get(env) or default
+    if value is None:
+        return None
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"{env}={value!r} is not 'host:port'")
@@ -130,6 +139,8 @@ class ServerProcess(abc.ABC):
 
     #: Name of the server binary, looked up on ``PATH``.
     binary: ClassVar[str]
+    #: Binaries that may serve in its place, in order, when ``binary`` is not installed.
+    stand_ins: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
         self.host = host
@@ -151,6 +162,20 @@ class ServerProcess(abc.ABC):
     def running(self) -> bool:
         """Whether the process is alive (it may not be answering yet)."""
         return self._process is not None and self._process.poll() is None
+
+    @classmethod
+    def executable(cls) -> str | None:
+        """The path of the binary to run: ``binary``, else the first stand-in installed."""
+        for name in (cls.binary, *cls.stand_ins):
+            found = shutil.which(name)
+            if found is not None:
+                return found
+        return None
+
+    @classmethod
+    def wanted(cls) -> str:
+        """What must be installed, for messages: ``"valkey-server or redis-server"``."""
+        return " or ".join((cls.binary, *cls.stand_ins))
 
     @abc.abstractmethod
     def _command(self, binary: str) -> list[str]:
@@ -174,10 +199,10 @@ class ServerProcess(abc.ABC):
         """Start the server; return why it is not answering, or None when it is."""
         if self.running:
             return None
-        binary = shutil.which(self.binary)
+        binary = self.executable()
         if binary is None:
             return (
-                f"{self.binary} is not installed, cannot start a private server "
+                f"{self.wanted()} is not installed, cannot start a private server "
                 "(run `bash scripts/services.sh`)"
             )
         if self._output is not None:
@@ -258,6 +283,17 @@ class RedisProcess(ServerProcess):
         return _ask(self.host, self.port, b"PING\r\n", b"+PONG")
 
 
+class ValkeyProcess(RedisProcess):
+    """A private ``valkey-server``, or ``redis-server`` where Valkey is not installed.
+
+    Valkey 7.2 is a fork of Redis 7.2 and keeps its protocol and its command line, so the
+    same arguments start either.
+    """
+
+    binary = "valkey-server"
+    stand_ins = ("redis-server",)
+
+
 class MemcachedProcess(ServerProcess):
     """A private ``memcached`` (TCP only)."""
 
@@ -279,6 +315,11 @@ def start_redis_server() -> RedisProcess:
     return RedisProcess().start()
 
 
+def start_valkey_server() -> ValkeyProcess:
+    """Start a NEW private Valkey (or stand-in Redis) server on a free loopback port."""
+    return ValkeyProcess().start()
+
+
 def start_memcached_server() -> MemcachedProcess:
     """Start a NEW private memcached on a free loopback port (for tests that kill it)."""
     return MemcachedProcess().start()
@@ -292,12 +333,17 @@ def redis_address() -> tuple[str, int]:
     return _shared(RedisProcess, REDIS_ENV, DEFAULT_REDIS)
 
 
+def valkey_address() -> tuple[str, int]:
+    """Return the Valkey server to test against: ``DECLCACHE_TEST_VALKEY`` or a private one."""
+    return _shared(ValkeyProcess, VALKEY_ENV, None)
+
+
 def memcached_address() -> tuple[str, int]:
     """Return the memcached server to test against, starting a private one if needed."""
     return _shared(MemcachedProcess, MEMCACHED_ENV, DEFAULT_MEMCACHED)
 
 
-def _shared(kind: type[ServerProcess], env: str, default: str) -> tuple[str, int]:
+def _shared(kind: type[ServerProcess], env: str, default: str | None) -> tuple[str, int]:
     found = _discover(kind, env, default)
     if isinstance(found, str):
         unavailable(found)
@@ -305,14 +351,18 @@ def _shared(kind: type[ServerProcess], env: str, default: str) -> tuple[str, int
 
 
 @functools.cache
-def _discover(kind: type[ServerProcess], env: str, default: str) -> tuple[str, int] | str:
+def _discover(kind: type[ServerProcess], env: str, default: str | None) -> tuple[str, int] | str:
     """Return the address, or why there is none (cached either way: no retry per test)."""
-    host, port = _parse_address(env, default)
-    if listening(host, port):
-        return host, port
-    if shutil.which(kind.binary) is None:
+    address = _parse_address(env, default)
+    if address is not None and listening(*address):
+        return address
+    if kind.executable() is None:
+        if address is None:
+            where = f"{env} is not set"
+        else:
+            where = f"no {kind.binary} answers on {address[0]}:{address[1]}"
         return (
-            f"no {kind.binary} answers on {host}:{port} and {kind.binary} is not installed: "
+            f"{where} and {kind.wanted()} is not installed: "
             f"set {env}=host:port or run `bash scripts/services.sh`"
         )
     server = kind()

@@ -21,6 +21,15 @@ def redis_address() -> tuple[str, int]:
 
 
 @pytest.fixture(scope="session")
+def valkey_address() -> tuple[str, int]:
+    """``(host, port)`` of a Valkey server (``DECLCACHE_TEST_VALKEY`` or a private one).
+
+    A private ``redis-server`` stands in where ``valkey-server`` is not installed.
+    """
+    return _servers.valkey_address()
+
+
+@pytest.fixture(scope="session")
 def memcached_address() -> tuple[str, int]:
     """``(host, port)`` of a memcached server (``DECLCACHE_TEST_MEMCACHED`` or a private one)."""
     return _servers.memcached_address()

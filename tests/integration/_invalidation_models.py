@@ -1,4 +1,4 @@
-"""Models and helpers shared by the invalidation, stale-fill and backend-fault tests.
+"""Models and helpers shared by the invalidation, stale-fill, backend-fault and backend tests.
 
 The models live in an importable module (not in a test file) so that a subprocess can import
 exactly the same classes: a model's cache keys hold a fingerprint of its module and name, so a
@@ -10,6 +10,7 @@ tables in the shared per-run PostgreSQL database.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -182,6 +183,78 @@ class Reader:
         before = self.loads
         action()
         return self.loads - before
+
+
+#: Seconds any step of a race may take before the test gives up: a guard that turns a hang
+#: into a failure, never reached when green (nothing is timed).
+WAIT = 60.0
+
+
+class PausedRead(threading.Thread):
+    """``manager.load`` in a thread whose loader stops right after its SELECT."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        manager: CacheManager,
+        model: type,
+        ident: Any,
+        query: Callable[[Session], Any],
+    ) -> None:
+        super().__init__(daemon=True)
+        self.engine, self.manager, self.query = engine, manager, query
+        self.model, self.key = model, ident
+        self.selected = threading.Event()
+        self.resume = threading.Event()
+        self.result: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with Session(self.engine, info={"cache_manager": self.manager}) as session:
+
+                def loader() -> Any:
+                    found = self.query(session)
+                    self.selected.set()
+                    if not self.resume.wait(WAIT):
+                        raise TimeoutError("never resumed")
+                    return found
+
+                self.result = row(self.manager.load(self.model, self.key, loader))
+        except BaseException as error:  # reported by finish()
+            self.error = error
+            self.selected.set()
+
+    def pause(self) -> None:
+        """Start, and return once the loader has SELECTed."""
+        self.start()
+        assert self.selected.wait(WAIT), "the reader never reached its SELECT"
+        assert self.error is None, self.error
+
+    def finish(self) -> dict[str, Any] | None:
+        """Let the loader return, wait for the fill, give the reader's own result."""
+        self.resume.set()
+        self.join(WAIT)
+        assert not self.is_alive(), "the reader did not finish"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def race(
+    engine: Engine,
+    manager: CacheManager,
+    model: type,
+    ident: Any,
+    *,
+    query: Callable[[Session], Any],
+    commit: Callable[[], None],
+) -> dict[str, Any] | None:
+    """Pause a reader after its SELECT, run ``commit()``, let the reader fill."""
+    reader = PausedRead(engine, manager, model, ident, query)
+    reader.pause()
+    commit()
+    return reader.finish()
 
 
 @contextmanager

@@ -3,7 +3,8 @@ and a recorder of the SQL statements an engine sends.
 
 ``cache_config``
     A :class:`~declcache.CacheConfig` for each backend declcache supports, one test per backend
-    (ids ``memory``, ``redis``, ``memcached``, ``dbm``). Every config uses the test's own
+    (ids ``memory``, ``redis``, ``memcached``, ``dbm``; a module may add ``valkey`` by
+    overriding ``cache_backend``, see :data:`WITH_VALKEY`). Every config uses the test's own
     ``key_prefix``, so tests never see each other's keys on the shared servers. Build as many
     managers from it as a test needs: managers of one config share one store, as processes
     sharing a server would (the memory config carries one ``cache_dict`` for all of them).
@@ -23,8 +24,9 @@ and a recorder of the SQL statements an engine sends.
 
 ``raw_cache``
     Reads and writes the raw bytes stored under a key with the backend's own client
-    (redis-py, pymemcache, the ``dbm`` module, the memory config's dict), bypassing declcache
-    and dogpile. Use it to plant corrupt or foreign payloads under the keys a manager reads.
+    (redis-py, valkey-py, pymemcache, the ``dbm`` module, the memory config's dict),
+    bypassing declcache and dogpile. Use it to plant corrupt or foreign payloads under the
+    keys a manager reads.
 
 ``statements``
     ``statements(engine)`` starts recording every SQL statement ``engine`` sends to the
@@ -71,11 +73,14 @@ class DbmLockDeadlock(OutcomeException):
 
 #: Backend ids, in the order the parametrized tests run.
 BACKENDS = ("memory", "redis", "memcached", "dbm")
+#: The same and Valkey, for the modules that must pass on it too (stale fill, repositories):
+#: ``@pytest.fixture(params=WITH_VALKEY)`` over ``cache_backend`` in the module.
+WITH_VALKEY = (*BACKENDS, "valkey")
 
 
 @pytest.fixture(params=BACKENDS)
 def cache_backend(request: pytest.FixtureRequest) -> str:
-    """The name of the backend this test runs on: memory, redis, memcached or dbm."""
+    """The name of the backend this test runs on: memory, redis, memcached or dbm (or valkey)."""
     return str(request.param)
 
 
@@ -147,7 +152,8 @@ def cache_config(
     """A config for ``cache_backend`` under this test's ``key_prefix`` (see the module doc).
 
     Only the server the backend needs is asked for, so a memory test never waits for Redis.
-    Redis keys under the prefix are deleted when the test ends; memcached entries expire.
+    Redis and Valkey keys under the prefix are deleted when the test ends; memcached entries
+    expire.
     """
     if cache_backend == "memory":
         yield CacheConfig(
@@ -159,6 +165,14 @@ def cache_config(
         host, port = request.getfixturevalue("redis_address")
         yield CacheConfig(
             backend="dogpile.cache.redis",
+            arguments={"host": host, "port": port},
+            key_prefix=key_prefix,
+        )
+        delete_redis_keys(host, port, key_prefix)
+    elif cache_backend == "valkey":
+        host, port = request.getfixturevalue("valkey_address")
+        yield CacheConfig(
+            backend="dogpile.cache.valkey",
             arguments={"host": host, "port": port},
             key_prefix=key_prefix,
         )
@@ -253,6 +267,12 @@ def raw_cache(cache_backend: str, cache_config: CacheConfig) -> Iterator[RawCach
         import redis
 
         client = redis.Redis(host=arguments["host"], port=arguments["port"], socket_timeout=5)
+        yield _RedisRaw(client)
+        client.close()
+    elif cache_backend == "valkey":
+        import valkey
+
+        client = valkey.Valkey(host=arguments["host"], port=arguments["port"], socket_timeout=5)
         yield _RedisRaw(client)
         client.close()
     elif cache_backend == "memcached":

@@ -44,9 +44,9 @@ AUTHORS = "repo_authors"
 Action = Callable[[Any], Awaitable[Any]]
 
 
-@pytest.fixture(params=["memory", "redis", "memcached"])
+@pytest.fixture(params=["memory", "redis", "memcached", "valkey"])
 def cache_backend(request: pytest.FixtureRequest) -> str:
-    """Memory, Redis and Memcached; dbm is covered by test_backends.py and test_invalidation.py."""
+    """Memory, Redis, Memcached and Valkey; dbm is covered by backends/ and test_invalidation.py."""
     return str(request.param)
 
 
@@ -140,12 +140,12 @@ async def test_hits_are_answered_on_the_event_loop_without_a_worker_thread(
     assert found.id == 1
     assert [author.id for author in listed] == [1, 2, 3]
     assert [author.id for author in many] == [3, 1]
-    # Memory answers in process; Redis is awaited through redis.asyncio. Memcached has no
-    # asyncio client here: its look-ups still hop to a worker thread.
+    # Memory answers in process; Redis and Valkey are awaited through redis.asyncio and
+    # valkey.asyncio. Memcached has no asyncio client here: its look-ups hop to a worker thread.
     assert len(hops) == (3 if cache_backend == "memcached" else 0)
 
 
-@pytest.mark.parametrize("cache_backend", ["redis"])  # the awaited look-up is Redis's only
+@pytest.mark.parametrize("cache_backend", ["redis", "valkey"])  # the native async stores
 async def test_an_awaited_redis_look_up_that_fails_reads_the_database(
     db: SQLAlchemyAsyncConfig, sent: StatementLog
 ) -> None:
@@ -155,7 +155,7 @@ async def test_an_awaited_redis_look_up_that_fails_reads_the_database(
     assert manager is not None
     cache = manager._cache(Author)
     assert cache is not None
-    reader = cache.astore.inner  # the native redis.asyncio store
+    reader = cache.astore.inner  # the native redis.asyncio (valkey.asyncio) store
     reader._connection_kwargs = {**reader._connection_kwargs, "port": 1}
     reader._clients.clear()  # the next look-up connects to a closed port
 
@@ -268,7 +268,7 @@ async def test_get_one_by_a_key_is_cached_and_by_other_fields_is_queried(
         await read(db, sent, lambda s: repo(s).get_one(email="nobody@example.com"))
 
 
-@pytest.mark.parametrize("cache_backend", ["redis"])  # the awaited look-up is Redis's only
+@pytest.mark.parametrize("cache_backend", ["redis", "valkey"])  # the native async stores
 async def test_a_hit_by_a_key_set_follows_its_pointer_without_looking_up_again(
     db: SQLAlchemyAsyncConfig, sent: StatementLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -280,7 +280,7 @@ async def test_a_hit_by_a_key_set_follows_its_pointer_without_looking_up_again(
     assert manager is not None
     cache = manager._cache(Author)
     assert cache is not None
-    reader = cache.astore.inner  # the native redis.asyncio store
+    reader = cache.astore.inner  # the native redis.asyncio (valkey.asyncio) store
     calls: list[list[str]] = []
     awaited, fetched = reader.get_many, cache.store.inner.get_many
 

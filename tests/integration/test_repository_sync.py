@@ -42,9 +42,9 @@ if TYPE_CHECKING:
 AUTHORS = "repo_authors"
 
 
-@pytest.fixture(params=["memory", "redis", "memcached"])
+@pytest.fixture(params=["memory", "redis", "memcached", "valkey"])
 def cache_backend(request: pytest.FixtureRequest) -> str:
-    """Memory, Redis and Memcached; dbm is covered by test_backends.py and test_invalidation.py."""
+    """Memory, Redis, Memcached and Valkey; dbm is covered by backends/ and test_invalidation.py."""
     return str(request.param)
 
 

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
 
 from tests import _servers
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def test_redis_set_get_with_prefix(redis_address: tuple[str, int], key_prefix: str) -> None:
@@ -17,6 +22,19 @@ def test_redis_set_get_with_prefix(redis_address: tuple[str, int], key_prefix: s
     key = f"{key_prefix}hello"
     try:
         assert key.startswith(_servers.run_prefix())
+        assert client.set(key, b"world", ex=60)
+        assert client.get(key) == b"world"
+    finally:
+        client.delete(key)
+        client.close()
+
+
+def test_valkey_set_get_with_prefix(valkey_address: tuple[str, int], key_prefix: str) -> None:
+    valkey = pytest.importorskip("valkey")
+    host, port = valkey_address
+    client = valkey.Valkey(host=host, port=port, socket_timeout=5)
+    key = f"{key_prefix}hello"
+    try:
         assert client.set(key, b"world", ex=60)
         assert client.get(key) == b"world"
     finally:
@@ -113,6 +131,41 @@ def test_private_memcached_stops_and_starts_again() -> None:
             fresh.close()
         finally:
             client.close()
+
+
+def test_private_valkey_is_valkey_server_or_redis_server_in_its_place() -> None:
+    valkey = pytest.importorskip("valkey")
+    from valkey.backoff import NoBackoff
+    from valkey.retry import Retry
+
+    expected = shutil.which("valkey-server") or shutil.which("redis-server")
+    assert _servers.ValkeyProcess.executable() == expected
+    with _servers.start_valkey_server() as server:
+        client = valkey.Valkey(
+            host=server.host, port=server.port, socket_timeout=2, retry=Retry(NoBackoff(), 0)
+        )
+        try:
+            assert client.set("k", b"v")
+            server.stop()
+            assert not _servers.listening(server.host, server.port)
+            server.start()
+            assert client.get("k") is None  # no persistence: a restart is an empty server
+        finally:
+            client.close()
+    assert not server.running
+
+
+def test_without_a_valkey_or_redis_binary_valkey_is_unavailable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no server binary on it
+    monkeypatch.delenv("DECLCACHE_TEST_VALKEY_UNSET", raising=False)
+    assert _servers.ValkeyProcess.executable() is None
+    # An environment variable of its own: _discover remembers its answer per variable.
+    found = _servers._discover(_servers.ValkeyProcess, "DECLCACHE_TEST_VALKEY_UNSET", None)
+    assert isinstance(found, str)
+    assert "valkey-server or redis-server is not installed" in found
+    assert "DECLCACHE_TEST_VALKEY_UNSET is not set" in found
 
 
 def test_unavailable_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:

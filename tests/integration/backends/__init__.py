@@ -1,0 +1,1 @@
+"""One backend suite (``_suite.py``), subclassed by one test module per backend."""

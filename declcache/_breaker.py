@@ -138,9 +138,16 @@ class Breaker:
             self._closed_at = started
         logger.warning("cache backend answers again: circuit breaker closed")
 
-    def now(self) -> float:
-        """The breaker's clock."""
-        return self._clock()
+    def abandoned(self, started: float) -> None:
+        """The probe that began at ``started`` ended without an answer (it was cancelled).
+
+        It proves nothing either way: the next call may probe at once. Left half-open, the
+        breaker would refuse every call for good.
+        """
+        with self._lock:
+            if self._current() == "half-open" and started >= self._probe_started:
+                self._state = "open"
+                self._until = self._clock()
 
     def failed(self, error: BaseException, started: float) -> None:
         """A call that began at ``started`` failed: open the breaker for another interval.
@@ -200,6 +207,8 @@ class Attempt:
                 breaker.succeeded(self._started)
         elif isinstance(error, Exception):
             breaker.failed(error, self._started)
+        elif self._probing:  # cancelled, or the process is exiting: no answer at all
+            breaker.abandoned(self._started)
 
 
 class GuardedStore:

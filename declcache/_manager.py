@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from dogpile.cache.region import CacheRegion
 
-    from declcache._api import Ident
+    from declcache._api import Ident, Store
     from declcache._reads import ListProbe, Probe
 
 __all__ = ["CacheManager"]
@@ -152,9 +152,10 @@ class CacheManager:
         if spec is None or not spec.enabled:
             return None
         region = self._region(backend, spec)
-        store = backend.store(region)
-        astore = backend.async_store(region, store)
-        if self._near is not None:
+        store: Store = backend.store(region)
+        if self._near is None:
+            astore = backend.async_store(region, store)
+        else:
             store = self._near.wrap(store, backend.tracking_pool(region))
             astore = AsyncNearStore(store)
         return ModelCache(
@@ -163,6 +164,7 @@ class CacheManager:
             region,
             GuardedStore(store, self._breaker),
             AsyncGuardedStore(astore, self._breaker),
+            server_ttl=backend.server_ttl(spec.ttl),
             max_value_bytes=self._config.max_value_bytes,
             faults=self._faults,
             on_stats=self._on_stats,
@@ -358,8 +360,8 @@ class CacheManager:
             return None
         if self._breaker.state != "closed":  # the lock lives on the backend that failed
             return None
-        cache = self._usable(model)
-        if cache is None:
+        cache = self._cache(model)  # no replay here: async repositories call it on the loop
+        if cache is None or self._invalidations.holds(model):
             return None
         try:
             if query_key is not None:

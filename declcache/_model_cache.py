@@ -21,7 +21,6 @@ from declcache._codec import ModelCodec, UnencodableValueError
 from declcache._keys import KeyBuilder, normalized
 from declcache._payload import ENTITY, POINTER, Payload, PayloadError, Payloads
 from declcache._stats import Counters
-from declcache.backends._base import SERVER_EXPIRY_GRACE
 
 if TYPE_CHECKING:
     from dogpile.cache.region import CacheRegion
@@ -46,6 +45,7 @@ class ModelCache:
         spec: the model's resolved settings.
         keys: its keys, under the manager's prefix.
         region: its dogpile region (for the distributed fill lock).
+        server_ttl: seconds its keys live on the server.
         store: its store, behind the manager's breaker.
         astore: the same for coroutines.
         max_value_bytes: payloads larger than this are not written.
@@ -61,6 +61,7 @@ class ModelCache:
         store: Store,
         astore: AsyncStore,
         *,
+        server_ttl: int,
         max_value_bytes: int,
         faults: FaultLog,
         on_stats: StatsHook | None,
@@ -78,7 +79,7 @@ class ModelCache:
         self.payloads = Payloads(spec.fingerprint, spec.format)
         self.counters = Counters(self.name, on_stats)
         self.ttl = spec.ttl
-        self.server_ttl = spec.ttl + SERVER_EXPIRY_GRACE
+        self.server_ttl = server_ttl
         self.token_ttl = max(spec.ttl * 10, TOKEN_TTL_FLOOR)
         self._max_value_bytes = max_value_bytes
         self._faults = faults

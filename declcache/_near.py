@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import cachetools
 
-from declcache._private_apis import resp3_parser, socket_of
+from declcache._private_apis import resp3_parser, set_push_handler, socket_of
 from declcache._stats import FaultLog
 from declcache.backends._base import SyncStoreAdapter
 
@@ -104,7 +104,7 @@ def _tracking_connection(pool: Any, key_prefix: str, on_push: Callable[[Any], ob
     kwargs = {**pool.connection_kwargs, "protocol": 3, "parser_class": resp3_parser("redis")}
     kwargs.pop("cache", None)  # redis-py's own client-side cache: not on this connection
     connection = pool.connection_class(**kwargs)
-    connection._parser.set_invalidation_push_handler(on_push)
+    set_push_handler(connection, on_push)
     command = ["CLIENT", "TRACKING", "ON", "BCAST"]
     if key_prefix:
         command += ["PREFIX", key_prefix]

@@ -27,6 +27,7 @@ __all__ = [
     "in_greenlet",
     "resp3_parser",
     "session_is_clean",
+    "set_push_handler",
     "socket_of",
     "statement_cache_key",
 ]
@@ -76,6 +77,15 @@ def resp3_parser(client: str) -> type:
     from redis._parsers import _RESP3Parser as RedisParser  # noqa: PLC0415
 
     return RedisParser
+
+
+def set_push_handler(connection: Any, handler: Callable[[Any], object]) -> None:
+    """Have ``connection``'s RESP3 parser hand invalidation pushes to ``handler``.
+
+    redis-py offers it on the parser only (``Redis.client_tracking`` does not route pushes
+    of a connection we drain ourselves).
+    """
+    connection._parser.set_invalidation_push_handler(handler)
 
 
 def socket_of(connection: Any) -> Any:

@@ -148,22 +148,23 @@ def probe(cache: ModelCache, idents: Sequence[Ident]) -> Flow[Probe]:
         generation = cache.payloads.token(raws[0]) or (
             yield from created_token(cache, cache.keys.generation_key)
         )
-        ticket = Ticket(generation, dict(zip(wanted, raws[1:], strict=True)), started)
-        parsed = [cache.current(raw, generation) for raw in raws[1:]]
+        stored = raws[1:]
+        ticket = Ticket(generation, dict(zip(wanted, stored, strict=True)), started)
+        parsed = [cache.current(raw, generation) for raw in stored]
         pointers = _pointers(cache, parsed)
         if pointers:
             targets = list(dict.fromkeys(pointers.values()))
             found = dict(zip(targets, (yield Call("get_many", targets)), strict=True))
             ticket.observed.update(found)
             _follow(cache, parsed, pointers, found, generation)
+        results = [
+            _entity(cache, key, item, via_pointer=index in pointers)
+            for index, (key, item) in enumerate(zip(wanted, parsed, strict=True))
+        ]
     except Exception as error:
         cache.fault("get", error)
         cache.counters.add("misses", len(idents))
         return missed(idents)
-    results = [
-        _entity(cache, key, item, via_pointer=index in pointers)
-        for index, (key, item) in enumerate(zip(wanted, parsed, strict=True))
-    ]
     if len(wanted) != len(keys):  # an ident without a key, or two idents of one key
         by_key = dict(zip(wanted, results, strict=True))
         results = [Lookup.MISS if key is None else by_key[key] for key in keys]
@@ -179,9 +180,10 @@ def _pointers(cache: ModelCache, parsed: list[Payload | None]) -> dict[int, str]
     """Index of each ``key_fields`` pointer among ``parsed``, and the key it leads to."""
     pointers = {}
     for index, item in enumerate(parsed):
-        target = None if item is None else cache.pointer_target(item)
-        if target is not None:
-            pointers[index] = target
+        if item is not None and item.kind == POINTER:
+            target = cache.pointer_target(item)
+            if target is not None:
+                pointers[index] = target
     return pointers
 
 
@@ -247,7 +249,8 @@ def load(
     if missing:
         asked = [idents[i] for i in missing]
         loaded = [item for item in (yield Call(LOAD, asked)) if item is not None]
-        for index, found in zip(missing, match(inspect(model), asked, loaded), strict=True):
+        mapper = inspect(model) if cache is None else cache.mapper
+        for index, found in zip(missing, match(mapper, asked, loaded), strict=True):
             results[index] = found
         if cache is not None and ticket is not None:
             absent = [keys[i] for i in missing if results[i] is None]
@@ -261,10 +264,10 @@ def _fill(
     """Cache what the database returned, unless the look-up's view of it went stale."""
     if time.monotonic() - ticket.started >= cache.ttl:
         return  # tombstones this read may have raced with could be gone: do not fill
-    swaps = _fill_swaps(cache, ticket, loaded, absent)
-    if not swaps:
-        return
     try:
+        swaps = _fill_swaps(cache, ticket, loaded, absent)
+        if not swaps:
+            return
         stored = yield Call("compare_and_set", swaps, cache.server_ttl)
     except Exception as error:
         cache.fault("fill", error)

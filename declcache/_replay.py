@@ -65,6 +65,11 @@ class ReplayQueue:
         """Queued keys, plus one per model marked for whole invalidation."""
         return self._size + len(self._overflowed)
 
+    @property
+    def due(self) -> bool:
+        """Whether a :meth:`replay` now would try the backend (the interval has passed)."""
+        return bool(self) and time.monotonic() >= self._next_attempt
+
     def holds(self, model: type) -> bool:
         """Whether ``model`` has invalidations waiting (its cache must not be read)."""
         with self._lock:
@@ -157,7 +162,15 @@ class Invalidator:
             self._queue.replay()
 
     async def aapply(self, changes: Mapping[type, ModelChanges]) -> None:
-        """:meth:`apply` for a coroutine: written on the async store; a replay in a thread."""
+        """:meth:`apply` for a coroutine: written on the async store; a replay in a thread.
+
+        Shielded from cancellation: the database has committed, so a caller that gives up
+        waiting (a request timeout) must not take the invalidation with it — it completes
+        (or is queued) in its own task, as a worker thread would finish it.
+        """
+        await asyncio.shield(self._aapply(changes))
+
+    async def _aapply(self, changes: Mapping[type, ModelChanges]) -> None:
         for model, cache, change in self._to_write(changes):
             try:
                 await arun(invalidate(cache, change), cache.astore)
@@ -189,8 +202,13 @@ class Invalidator:
         """:meth:`blocks` for a coroutine: a due replay runs in a worker thread."""
         if not self._queue:
             return False
-        await asyncio.to_thread(self._queue.replay)
+        if self._queue.due:
+            await asyncio.to_thread(self._queue.replay)
         return self._queue.holds(model)
+
+    def holds(self, model: type) -> bool:
+        """Whether ``model`` has queued invalidations; never calls the backend."""
+        return bool(self._queue) and self._queue.holds(model)
 
     def flush(self) -> None:
         """A last attempt at what is queued; a warning when the backend still refuses it."""

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from declcache.backends import _urls
-from declcache.backends._base import SERVER_EXPIRY_GRACE, Backend
+from declcache.backends._base import Backend
 from declcache.backends._generic import Generic
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ class MemcachedStore:
 
 
 def _memcached_arguments(arguments: dict[str, Any], ttl: int) -> dict[str, Any]:
-    arguments.setdefault("memcached_expire_time", ttl + SERVER_EXPIRY_GRACE)
+    arguments.setdefault("memcached_expire_time", Backend.server_ttl(ttl))
     return arguments
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 from declcache.backends import _urls
-from declcache.backends._base import SERVER_EXPIRY_GRACE, Backend
+from declcache.backends._base import Backend
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -313,7 +313,7 @@ class Redis(Backend):
     def region_arguments(self, ttl: int, first: CacheRegion | None) -> dict[str, Any]:
         """Timeouts, no retries, server expiry; the first region's pool for the next ones."""
         result = super().region_arguments(ttl, first)
-        result.setdefault(self.expiration_argument, ttl + SERVER_EXPIRY_GRACE)
+        result.setdefault(self.expiration_argument, self.server_ttl(ttl))
         result.setdefault("socket_timeout", DEFAULT_REDIS_TIMEOUT)
         result.setdefault("socket_connect_timeout", DEFAULT_REDIS_TIMEOUT)
         result["connection_kwargs"] = self._without_retries(result.get("connection_kwargs", {}))

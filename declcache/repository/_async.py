@@ -19,6 +19,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from declcache._api import Lookup
+from declcache._keys import match
 from declcache._singleflight import AsyncFlights
 from declcache.repository._base import CachedRead, ModelT, RepositoryBase, _found
 
@@ -125,7 +126,7 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         manager = self._cache_for(use_cache)
         if manager is None:
             loaded = await self._all(self._many_statement(idents, reload=False))
-            items = self._in_order(idents, loaded)
+            items = match(self._mapper, idents, loaded)
         else:
             items = await self._load_many(manager, idents)
         self._expunge(items, auto_expunge)

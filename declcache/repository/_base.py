@@ -262,21 +262,6 @@ class RepositoryBase(Generic[ModelT]):
             mutex=lambda: manager.fill_mutex(model, ident),
         )
 
-    def _in_order(self, idents: Sequence[Ident], loaded: Iterable[ModelT]) -> list[ModelT | None]:
-        """``loaded`` instances in the order of ``idents`` (primary keys), ``None`` for gaps."""
-        by_key: dict[tuple[str, ...], ModelT] = {}
-        for item in loaded:
-            values = self._mapper.primary_key_from_instance(item)
-            by_key[normalized(self._mapper, self._pk_names, values)] = item
-        ordered: list[ModelT | None] = []
-        for ident in idents:
-            values = primary_key_values(ident)
-            try:
-                ordered.append(by_key.get(normalized(self._mapper, self._pk_names, values)))
-            except (ValueError, TypeError):
-                ordered.append(None)
-        return ordered
-
     # -- queries -----------------------------------------------------------------------------
 
     def _select(self, filters: Sequence[Any], fields: Mapping[str, Any]) -> Select[Any]:

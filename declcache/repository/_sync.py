@@ -12,6 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from declcache._api import Lookup
+from declcache._keys import match
 from declcache._singleflight import ThreadFlights
 from declcache.repository._base import CachedRead, ModelT, RepositoryBase, _found
 
@@ -115,7 +116,9 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
             return []
         manager = self._cache_for(use_cache)
         if manager is None:
-            items = self._in_order(idents, self._all(self._many_statement(idents, reload=False)))
+            items = match(
+                self._mapper, idents, self._all(self._many_statement(idents, reload=False))
+            )
         else:
             held = [self._held(ident) for ident in idents]
             rest = [ident for ident, item in zip(idents, held, strict=True) if item is None]

@@ -8,6 +8,7 @@ called a bounded number of times while it is down (counted by a wrapper of the m
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -94,6 +95,33 @@ def test_an_interval_of_zero_never_opens() -> None:
     breaker.failed(ConnectionError("down"), 0.0)
     assert breaker.state == "closed"
     assert breaker.allow()
+
+
+async def test_a_cancelled_probe_lets_the_next_call_probe_again() -> None:
+    """A probe that never answers (its caller was cancelled) must not leave it half-open."""
+    clock = FakeClock()
+    breaker = Breaker(1.0, clock)
+    breaker.failed(ConnectionError("down"), clock())
+    clock.now += 1
+    started = asyncio.Event()
+
+    async def hanging_probe() -> None:
+        with breaker.attempt() as probing:
+            assert probing
+            started.set()
+            await asyncio.sleep(3600)
+
+    task = asyncio.create_task(hanging_probe())
+    await started.wait()
+    assert breaker.state == "half-open"
+    assert not breaker.allow()  # the probe is out
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert breaker.allow()  # the next call probes at once
+    breaker.succeeded(clock())
+    assert breaker.state == "closed"
 
 
 def test_the_guard_does_not_call_the_store_while_open() -> None:

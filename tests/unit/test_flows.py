@@ -48,6 +48,7 @@ def cache() -> ModelCache:
         None,  # type: ignore[arg-type]  # no region: nothing here reaches a backend
         None,  # type: ignore[arg-type]
         None,  # type: ignore[arg-type]
+        server_ttl=360,
         max_value_bytes=1 << 20,
         faults=FaultLog(logging.getLogger("test")),
         on_stats=None,

@@ -92,6 +92,19 @@ def test_socket_of_a_connected_redis_connection() -> None:
         connection.disconnect()
 
 
+def test_set_push_handler_on_a_resp3_connection() -> None:
+    import redis
+
+    host, port = _servers.redis_address()
+    parser = _private_apis.resp3_parser("redis")
+    connection = redis.Connection(host=host, port=port, protocol=3, parser_class=parser)
+    connection.connect()
+    try:
+        _private_apis.set_push_handler(connection, lambda message: message)
+    finally:
+        connection.disconnect()
+
+
 def test_await_only_runs_a_coroutine_from_sqlalchemys_greenlet() -> None:
     def inside() -> tuple[bool, int]:
         return _private_apis.in_greenlet(), _private_apis.await_only(asyncio.sleep(0, result=5))

@@ -78,6 +78,16 @@ register_backend(("dogpile.cache.null",), ("null",), "declcache.backends.null:Nu
 register_backend(
     ("dogpile.cache.valkey",), ("valkey", "valkeys"), "declcache.backends.valkey:Valkey"
 )
+register_backend(
+    ("dogpile.cache.valkey_cluster",),
+    ("valkey+cluster",),
+    "declcache.backends.valkey:ValkeyCluster",
+)
+register_backend(
+    ("dogpile.cache.valkey_sentinel",),
+    ("valkey+sentinel",),
+    "declcache.backends.valkey:ValkeySentinel",
+)
 
 
 def _registration(name: str) -> _Registration | None:

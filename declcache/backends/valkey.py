@@ -1,22 +1,51 @@
-"""Valkey: ``dogpile.cache.valkey`` on the ``valkey`` client (``pip install 'declcache[valkey]'``).
+"""Valkey: ``dogpile.cache.valkey`` (and its Cluster and Sentinel) on the ``valkey`` client.
 
-Valkey speaks Redis' protocol and valkey-py is redis-py's API under another name, so this family
-is :class:`~declcache.backends.redis.Redis` with three names changed: the client package, the
-URL scheme for TLS (``valkeys://``) and dogpile's expiry argument. A near cache is not offered
-on Valkey (its tracking connection is built and tested on redis-py only).
+``pip install 'declcache[valkey]'``. Valkey speaks Redis' protocol and valkey-py is redis-py's
+API under another name, so each class here is its :mod:`~declcache.backends.redis` twin with
+three names changed: the client package, the URL scheme for TLS (``valkeys://``) and dogpile's
+expiry argument. A near cache is not offered on Valkey (its tracking connection is built and
+tested on redis-py only).
 """
 
 from __future__ import annotations
 
-from declcache.backends.redis import Redis
+from declcache.backends.redis import Redis, RedisCluster, RedisSentinel
 
-__all__ = ["Valkey"]
+__all__ = ["Valkey", "ValkeyCluster", "ValkeySentinel"]
+
+#: The plugin name of :mod:`declcache.backends._valkey_cluster`'s backend.
+PLUGIN = "declcache.valkey_cluster"
 
 
-class Valkey(Redis):
-    """``dogpile.cache.valkey``: one Valkey server; ``valkey://`` and ``valkeys://`` URLs."""
+class _OnValkey:
+    """The names that make a Redis family class a Valkey one."""
 
     near_cache = False
     client = "valkey"
     expiration_argument = "valkey_expiration_time"
     tls_scheme = "valkeys"
+
+
+class Valkey(_OnValkey, Redis):
+    """``dogpile.cache.valkey``: one Valkey server; ``valkey://`` and ``valkeys://`` URLs."""
+
+
+class ValkeyCluster(_OnValkey, RedisCluster):
+    """``dogpile.cache.valkey_cluster``: ``valkey+cluster://host:port[,host:port]``.
+
+    Configured as declcache's subclass of dogpile's backend, which fails to start as shipped
+    (see :mod:`declcache.backends._valkey_cluster`).
+    """
+
+    def plugin(self) -> str:
+        """Registers and names the subclass."""
+        from dogpile.cache import register_backend  # noqa: PLC0415 - only with dogpile present
+
+        register_backend(  # type: ignore[no-untyped-call]
+            PLUGIN, "declcache.backends._valkey_cluster", "ValkeyClusterBackend"
+        )
+        return PLUGIN
+
+
+class ValkeySentinel(_OnValkey, RedisSentinel):
+    """``dogpile.cache.valkey_sentinel``: ``valkey+sentinel://host:port[,…]/service[/db]``."""

@@ -194,3 +194,28 @@ def test_cluster_arguments_carry_the_short_timeouts() -> None:
     assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.5, 0.5)
     assert kwargs["password"] == "pw"
     assert kwargs["retry"].get_retries() == 0
+
+
+# --- the same cluster through valkey-py -----------------------------------------------------------
+
+
+class TestValkeyCluster(TestRedisCluster):
+    """``dogpile.cache.valkey_cluster`` on the same private cluster (the protocol is one)."""
+
+    backend_name = "dogpile.cache.valkey_cluster"
+    backend_class = "ValkeyClusterBackend"
+
+    @pytest.fixture
+    def config(self, redis_cluster: list[tuple[str, int]], key_prefix: str) -> CacheConfig:
+        url = cluster_url(redis_cluster).replace("redis+cluster://", "valkey+cluster://")
+        return CacheConfig(url=url, key_prefix=key_prefix)
+
+    def test_the_url_configures_dogpile_s_cluster_backend(self, config: CacheConfig) -> None:
+        import valkey.cluster
+
+        manager = CacheManager(config)
+        cache = manager._cache(Item)
+        assert cache is not None
+        assert type(cache.region.backend).__name__ == "ValkeyClusterBackend"  # declcache's subclass
+        assert isinstance(cache.region.backend.writer_client, valkey.cluster.ValkeyCluster)
+        assert config.backend == "dogpile.cache.valkey_cluster"

@@ -148,3 +148,29 @@ def test_sentinel_arguments_carry_the_short_timeouts() -> None:
     assert sentinel["sentinels"] == [("s", 26379)]
     assert sentinel["sentinel_kwargs"]["socket_timeout"] == 0.5
     assert sentinel["distributed_lock"] is False
+
+
+# --- the same group through valkey-py -------------------------------------------------------------
+
+
+class TestValkeySentinel(TestRedisSentinel):
+    """``dogpile.cache.valkey_sentinel`` on the same private group (the protocol is one)."""
+
+    backend_name = "dogpile.cache.valkey_sentinel"
+    backend_class = "ValkeySentinelBackend"
+
+    @pytest.fixture
+    def config(self, redis_sentinel: SentinelGroup, key_prefix: str) -> Iterator[CacheConfig]:
+        host, port = redis_sentinel.sentinel
+        yield CacheConfig(url=f"valkey+sentinel://{host}:{port}/mymaster", key_prefix=key_prefix)
+        delete_redis_keys(*redis_sentinel.master, key_prefix)
+
+    def test_the_url_configures_dogpile_s_sentinel_backend(self, config: CacheConfig) -> None:
+        import valkey
+
+        manager = CacheManager(config)
+        cache = manager._cache(Item)
+        assert cache is not None
+        assert type(cache.region.backend).__name__ == "ValkeySentinelBackend"
+        assert isinstance(cache.region.backend.writer_client, valkey.Valkey)
+        assert config.backend == "dogpile.cache.valkey_sentinel"

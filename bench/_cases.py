@@ -256,7 +256,7 @@ def _undecoded_hit_case(stack: Stack, backend: str, db: str) -> Case:
         "layers",
         f"repo.get {backend} {db} sync, payload new to this process",
         run=run,
-        before=lambda _ident: cache.payloads.clear(),
+        before=lambda _ident: cache.payloads.forget_payloads(),
     )
 
 

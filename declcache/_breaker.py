@@ -8,7 +8,9 @@ as a probe; success *closes* it, a fault opens it for another interval. Each sta
 logged once, under ``declcache.breaker``.
 
 :class:`GuardedStore` and :class:`AsyncGuardedStore` put one manager's breaker in front of each
-model's sync and async store: one breaker serves both, through :meth:`Breaker.attempt`.
+model's sync and async store: one breaker serves both. While it is closed a call only needs
+bookkeeping when it fails (:meth:`Breaker.failed`); otherwise each call is an
+:meth:`Breaker.attempt`, which admits it, tells whether it is the probe, and records its end.
 """
 
 from __future__ import annotations
@@ -97,8 +99,6 @@ class Breaker:
         Raises:
             BackendUnavailable: the breaker is open; the backend must not be called.
         """
-        if self._state == "closed":  # nearly always: no lock, no second look
-            return Attempt(self, self._clock(), probing=False)
         admitted = self.admit()
         if admitted is None:
             raise BackendUnavailable("circuit breaker open: cache backend not called")
@@ -224,7 +224,15 @@ class GuardedStore:
         self.breaker = breaker
 
     def _call(self, method: str, *args: Any) -> Any:
-        with self.breaker.attempt() as probing:
+        breaker = self.breaker
+        if breaker._state == "closed":  # nearly always: only a failure needs bookkeeping
+            started = breaker._clock()
+            try:
+                return getattr(self.inner, method)(*args)
+            except Exception as error:
+                breaker.failed(error, started)
+                raise
+        with breaker.attempt() as probing:
             if probing:
                 self.reset_connections()
             return getattr(self.inner, method)(*args)
@@ -272,7 +280,15 @@ class AsyncGuardedStore:
         self.breaker = breaker
 
     async def _call(self, method: str, *args: Any) -> Any:
-        with self.breaker.attempt() as probing:
+        breaker = self.breaker
+        if breaker._state == "closed":  # nearly always: only a failure needs bookkeeping
+            started = breaker._clock()
+            try:
+                return await getattr(self.inner, method)(*args)
+            except Exception as error:
+                breaker.failed(error, started)
+                raise
+        with breaker.attempt() as probing:
             if probing:
                 await self.reset_connections()
             return await getattr(self.inner, method)(*args)

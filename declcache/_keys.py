@@ -228,7 +228,8 @@ class KeyBuilder:
             name = self._mapper.class_.__name__
             known = list(self.key_sets)
             raise ValueError(f"{sorted(ident)} is not a key of {name}; keys are {known}")
-        return self.primary_key, self.entity_key(self.primary_key, primary_key_values(ident))
+        values = ident if isinstance(ident, tuple) else (ident,)  # primary_key_values, inlined
+        return self.primary_key, self.entity_key(self.primary_key, values)
 
     def of_instance(self, instance: object) -> dict[KeySet, str]:
         """Every key ``instance`` is known by, per key set (``None`` values skipped)."""

@@ -110,13 +110,20 @@ class ModelCache:
         try:
             return self.payloads.parse(raw)
         except PayloadError as error:
-            self.counters.add("errors")
-            logger.warning("%s: ignoring an undecodable cache payload: %s", self.name, error)
+            self._undecodable(error)
             return None
+
+    def _undecodable(self, error: PayloadError) -> None:
+        self.counters.add("errors")
+        logger.warning("%s: ignoring an undecodable cache payload: %s", self.name, error)
 
     def current(self, raw: bytes | None, generation: str) -> Payload | None:
         """The payload ``raw`` holds if written under ``generation`` and not expired."""
-        found = self.payload(raw)
+        try:
+            found = self.payloads.parse(raw)  # not self.payload(): a hit asks this every time
+        except PayloadError as error:
+            self._undecodable(error)
+            return None
         if found is None:
             return None
         if found.generation != generation or time.time() - found.created_at >= self.ttl:

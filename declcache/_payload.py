@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import cachetools
 
+from declcache._private_apis import cache_items
+
 if TYPE_CHECKING:
     from declcache._codec import Row
     from declcache.serializers import SerializationFormat
@@ -159,19 +161,21 @@ class Payloads:
     def __init__(self, fingerprint: str, format: SerializationFormat) -> None:
         self._fingerprint = fingerprint
         self._format = format
-        # Reads are plain dict look-ups, safe without a lock; writes take it.
+        # Writes take the lock; reads are plain look-ups of the caches' own dicts.
         self._parsed: cachetools.Cache[bytes, Payload] = cachetools.Cache(
             REMEMBERED_PAYLOAD_BYTES, getsizeof=_size
         )
         self._tokens: cachetools.Cache[bytes, str] = cachetools.Cache(REMEMBERED_TOKENS)
+        # Read on every hit, without the lock.
+        self._remembered: dict[bytes, Payload] = cache_items(self._parsed)
+        self._remembered_tokens: dict[bytes, str] = cache_items(self._tokens)
         self._lock = threading.Lock()
         self._smallest = REMEMBERED_PAYLOAD_BYTES // REMEMBERED_PAYLOADS
 
-    def clear(self) -> None:
-        """Forget every parsed payload and token: the next read of each parses it again."""
+    def forget_payloads(self) -> None:
+        """Forget every parsed payload: the next read of each parses and decodes it again."""
         with self._lock:
             self._parsed.clear()
-            self._tokens.clear()
 
     def _bytes(self, data: list[Any]) -> bytes:
         encoded = self._format.dumps(data)
@@ -195,7 +199,7 @@ class Payloads:
         if raw is None:
             return None
         try:
-            return self._tokens[raw]
+            return self._remembered_tokens[raw]
         except (KeyError, TypeError):
             pass
         try:
@@ -218,7 +222,7 @@ class Payloads:
         if raw is None:
             return None
         try:
-            return self._parsed[raw]
+            return self._remembered[raw]
         except (KeyError, TypeError):
             pass
         try:

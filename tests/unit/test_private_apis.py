@@ -115,3 +115,17 @@ def test_await_only_runs_a_coroutine_from_sqlalchemys_greenlet() -> None:
 
 def test_payloads_use_dogpiles_value_layout_version() -> None:
     assert _payload.value_version == dogpile_region.value_version
+
+
+def test_cache_items_and_lru_order_are_cachetools_own_state() -> None:
+    import cachetools
+
+    lru: cachetools.LRUCache[str, int] = cachetools.LRUCache(2)
+    lru["a"], lru["b"] = 1, 2
+    items, order = _private_apis.cache_items(lru), _private_apis.lru_order(lru)
+    assert items == {"a": 1, "b": 2}
+    assert list(order) == ["a", "b"]  # least recently used first
+    order.move_to_end("a")  # what a read through the private view does
+    lru["c"] = 3  # evicts the least recently used: now "b"
+    assert set(items) == {"a", "c"}
+    assert _private_apis.cache_items(cachetools.Cache(4)) == {}

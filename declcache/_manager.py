@@ -230,6 +230,8 @@ class CacheManager:
         cache = await self._ausable(model)
         if cache is None or not idents:
             return _reads.missed(idents)
+        if not self.blocking:  # in process: nothing to await, so no coroutine layers either
+            return run(_reads.probe(cache, idents), cache.store)
         return await arun(_reads.probe(cache, idents), cache.astore)
 
     def load(
@@ -311,6 +313,8 @@ class CacheManager:
         cache = await self._ausable(model)
         if cache is None:
             return _reads.ListProbe(Lookup.MISS, None)
+        if not self.blocking:  # see aprobe
+            return run(_reads.probe_list(cache, query_key), cache.store)
         return await arun(_reads.probe_list(cache, query_key), cache.astore)
 
     def load_list(

@@ -151,11 +151,11 @@ class ModelCache:
         """Whether ``key`` is one of ``instance``'s keys (asked once per remembered payload)."""
         return key in self.keys.of_instance(instance).values()
 
-    def pointer_target(self, payload: Payload) -> str | None:
+    def pointer_target(self, pointer: Payload) -> str | None:
         """The primary-key entry a ``key_fields`` pointer leads to; ``None`` if malformed."""
-        if payload.kind != POINTER or len(payload.body) != len(self.keys.primary_key):
+        if len(pointer.body) != len(self.keys.primary_key):
             return None
-        return self.keys.entity_key(self.keys.primary_key, payload.body)
+        return self.keys.entity_key(self.keys.primary_key, pointer.body)
 
     # -- writing values --------------------------------------------------------------------
 

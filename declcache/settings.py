@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import re
 from collections.abc import Callable, Mapping
 from enum import IntEnum
@@ -182,6 +183,30 @@ _ARGUMENT_ONLY = object()
 
 _AtLeastOne = Annotated[StrictInt, Field(ge=1)]
 
+#: What ``scope`` holds once validated: a function of the session, or nothing.
+ScopeFunction = Callable[[Any], "str | None"]
+
+
+def _scope_function(value: Any) -> ScopeFunction | None:
+    """A scope function, or ``"package.module:name"`` naming one (as a variable can)."""
+    if value is None or callable(value):
+        return cast("ScopeFunction | None", value)
+    if not isinstance(value, str):
+        raise ValueError(
+            "expected a function of the session or 'package.module:name', "
+            f"got {type(value).__name__}"
+        )
+    module_name, colon, attribute = value.partition(":")
+    if not colon or not module_name or not attribute:
+        raise ValueError(f"expected 'package.module:name', got {value!r}")
+    try:
+        target = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot import {value!r}: {error}") from None
+    if not callable(target):
+        raise ValueError(f"{value!r} is not a function of the session")
+    return cast("ScopeFunction", target)
+
 
 @_raising_settings_errors
 @dataclass(frozen=True)
@@ -210,6 +235,10 @@ class CacheConfig:
         near_cache: keep Redis values in this process too, coherent through Redis client
             tracking (single-node ``dogpile.cache.redis`` only; see docs/near-cache.md).
         near_cache_max_entries: entries the near cache keeps (least recently used dropped).
+        scope: ``scope(session) -> str | None``, the tenant (or other context) a session
+            reads and writes in, when the database cannot tell it (row-level tenancy); or
+            ``"package.module:name"`` naming that function. Every key of a session's reads
+            and writes is scoped by it (see docs/tenancy.md). ``None``: no such context.
 
     Attributes:
         origins: where each field's value came from; not an argument, and not compared.
@@ -232,6 +261,7 @@ class CacheConfig:
     breaker_interval: Annotated[StrictFloat, Field(ge=0)] = DEFAULT_BREAKER_INTERVAL
     near_cache: StrictBool = False
     near_cache_max_entries: _AtLeastOne = DEFAULT_NEAR_CACHE_MAX_ENTRIES
+    scope: Annotated[Any, AfterValidator(_scope_function)] = None
     origins: Mapping[str, Origin] = dataclasses.field(
         init=False, default_factory=dict, repr=False, compare=False
     )

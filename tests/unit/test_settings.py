@@ -35,6 +35,7 @@ DEFAULTS = {
     "breaker_interval": 1.0,
     "near_cache": False,
     "near_cache_max_entries": 10_000,
+    "scope": None,
 }
 
 

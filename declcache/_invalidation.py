@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from declcache._driver import Call
+from declcache._keys import UNSCOPED, Scope
 from declcache._payload import POINTER, new_token
-from declcache._reads import created_token
+from declcache._reads import joined_token
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -40,39 +41,57 @@ class ModelChanges:
     Attributes:
         keys: ``(key fields, values)`` of every entity key to invalidate, old and new.
         whole_model: a bulk or textual statement wrote rows nobody listed.
+        scopes: the scopes the changes were written in; none recorded means unscoped.
     """
 
     keys: set[tuple[KeySet, tuple[Any, ...]]] = field(default_factory=set)
     whole_model: bool = False
+    scopes: set[Scope] = field(default_factory=set)
 
     def merge(self, other: ModelChanges) -> None:
         """Add ``other``'s changes to these."""
         self.keys |= other.keys
         self.whole_model |= other.whole_model
+        self.scopes |= other.scopes
 
     @property
     def size(self) -> int:
-        """How many keys invalidating these changes writes."""
-        return len(self.keys) + 1
+        """How many keys invalidating these changes writes (at least)."""
+        return (len(self.keys) + 1) * max(len(self.scopes), 1)
 
 
 def invalidate(cache: ModelCache, change: ModelChanges) -> Flow[None]:
     """Tombstones and new tokens in one ``write_many``: one round trip on Redis.
 
+    A change written in a named scope is invalidated there and in its schema's unnamed
+    scope, which sees every row of the schema. A change written outside every named scope
+    cannot know which named scopes hold those rows: it replaces the schema's *outside*
+    tokens, which every named scope reads too (see :mod:`declcache._keys`).
+
     A store fault propagates: the caller queues the change for replay.
     """
-    writes: list[Write] = []
-    for fields, values in change.keys:
-        try:
-            key = cache.keys.entity_key(fields, values)
-        except (ValueError, TypeError):
-            continue
-        writes.append((key, cache.payloads.tombstone(), cache.server_ttl))
-    tokens = [cache.keys.list_version_key]
-    if change.whole_model:
-        tokens.append(cache.keys.generation_key)
-    for key in tokens:
-        writes.append((key, cache.payloads.token_value(new_token()), cache.token_ttl))
+    tombstones: dict[str, None] = {}
+    tokens: dict[str, None] = {}
+    for scope in change.scopes or (UNSCOPED,):
+        reached = {scope, scope.outside}
+        for keys in (cache.scoped(each).keys for each in reached):
+            for fields, values in change.keys:
+                try:
+                    tombstones[keys.entity_key(fields, values)] = None
+                except (ValueError, TypeError):
+                    continue
+            tokens[keys.list_version_key] = None
+            if change.whole_model:
+                tokens[keys.generation_key] = None
+        if scope.name is None and cache.named_scopes:
+            keys = cache.scoped(scope).keys
+            tokens[keys.outside_list_version_key] = None
+            if change.whole_model or change.keys:
+                tokens[keys.outside_generation_key] = None
+    writes: list[Write] = [
+        (key, cache.payloads.tombstone(), cache.server_ttl) for key in tombstones
+    ]
+    writes.extend((key, cache.payloads.token_value(new_token()), cache.token_ttl) for key in tokens)
     yield Call("write_many", writes)
     cache.counters.add("invalidations", len(writes))
 
@@ -89,9 +108,8 @@ def pointed_primary_key(cache: ModelCache, key: str) -> Flow[tuple[Any, ...] | N
 def warm(cache: ModelCache, instances: Sequence[object]) -> Flow[int]:
     """Cache ``instances`` unconditionally (warm-up); how many were stored."""
     try:
-        key = cache.keys.generation_key
-        raw = (yield Call("get_many", [key]))[0]
-        generation = cache.payloads.token(raw) or (yield from created_token(cache, key))
+        tokens = cache.keys.generation_keys
+        generation = yield from joined_token(cache, tokens, (yield Call("get_many", [*tokens])))
         mapping: dict[str, bytes] = {}
         stored = 0
         for instance in instances:

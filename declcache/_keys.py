@@ -1,6 +1,6 @@
 """Idents and cache keys: how a caller names a row, and how the cache names what it holds. Pure.
 
-Every key is ``prefix + model + schema fingerprint + what it names``:
+Every key is ``prefix + model + schema fingerprint [+ scope] + what it names``:
 
 * an entity: ``…:id=7`` (its primary key) or ``…:email=a%40b.c`` (a ``key_fields`` set, whose
   entry is a *pointer* to the primary-key entry);
@@ -14,6 +14,13 @@ readable head and replaces the rest by a hash.
 
 Every key holds the model's schema fingerprint (:func:`declcache._codec.fingerprint`): change
 the columns, their types, the format or the codec, and every old key is simply never read again.
+
+Every key also holds the :class:`Scope` it was read or written in, when there is one: the
+schema a ``schema_translate_map`` sends the model's table to (``~tenant_b``), and the name the
+configured scope function gives a session (``@acme``). Rows of two schemas are two tables,
+so their keys share nothing; a named scope is a view of the same rows, so a named scope also
+reads two *outside* tokens of its schema, which writes made outside every named scope replace
+(:mod:`declcache._invalidation` writes them).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import functools
 import hashlib
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
@@ -38,8 +46,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_KEY_BYTES",
+    "UNSCOPED",
     "KeyBuilder",
     "KeySet",
+    "Scope",
     "ident_parts",
     "match",
     "normalized",
@@ -53,6 +63,37 @@ _HASHED_TAIL = 40  # hex characters of sha256 kept when a key is too long
 
 #: The attribute names of one key: the primary key, or a ``key_fields`` set.
 KeySet = tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What, besides a statement, decides the rows a session reads: part of its every key.
+
+    Attributes:
+        schema: the schema the session's ``schema_translate_map`` sends the model's table to;
+            ``""`` when the table is used as mapped. Another schema holds other rows.
+        name: what the configured scope function answered for the session (a tenant);
+            ``None`` outside every named scope: the session sees what the database shows it.
+    """
+
+    schema: str = ""
+    name: str | None = None
+
+    @property
+    def outside(self) -> Scope:
+        """The unnamed scope of the same schema: every write in this schema reaches it."""
+        return self if self.name is None else Scope(self.schema)
+
+    def __str__(self) -> str:
+        """As a message shows it: ``schema tenant_b, scope 'acme'``, or ``unscoped``."""
+        parts = [f"schema {self.schema}"] if self.schema else []
+        if self.name is not None:
+            parts.append(f"scope {self.name!r}")
+        return ", ".join(parts) or "unscoped"
+
+
+#: The scope of a session without schema translation or scope function.
+UNSCOPED = Scope()
 
 
 # -- idents -----------------------------------------------------------------------------------
@@ -151,7 +192,7 @@ def _quoted(normalize: Callable[[Any], str]) -> Callable[[Any], str]:
 
 
 class KeyBuilder:
-    """Every key of one model: its entities (per key set), tokens and cached queries.
+    """Every key of one model in one scope: its entities (per key set), tokens and queries.
 
     The text before the values (``head:fields=``) and each field's normaliser are worked out
     once per key set: a key is built on every cache read.
@@ -161,23 +202,44 @@ class KeyBuilder:
         mapper: the model's mapper.
         fingerprint: the model's schema fingerprint (the spec's).
         key_sets: the ``key_fields`` sets naming one entity besides the primary key.
+        scope: the scope the keys belong to.
     """
 
     __slots__ = (
+        "_fingerprint",
         "_mapper",
+        "_prefix",
         "_shapes",
         "generation_key",
+        "generation_keys",
         "head",
         "key_sets",
         "list_version_key",
+        "list_version_keys",
+        "outside_generation_key",
+        "outside_list_version_key",
         "primary_key",
+        "scope",
     )
 
     def __init__(
-        self, prefix: str, mapper: Mapper[Any], fingerprint: str, key_sets: Sequence[KeySet] = ()
+        self,
+        prefix: str,
+        mapper: Mapper[Any],
+        fingerprint: str,
+        key_sets: Sequence[KeySet] = (),
+        scope: Scope = UNSCOPED,
     ) -> None:
         self._mapper = mapper
-        self.head = f"{prefix}{_encode_value(mapper.class_.__name__)}:{fingerprint}"
+        self._prefix = prefix
+        self._fingerprint = fingerprint
+        self.scope = scope
+        schema_head = f"{prefix}{_encode_value(mapper.class_.__name__)}:{fingerprint}"
+        if scope.schema:
+            schema_head += f"~{_encode_value(scope.schema)}"
+        self.head = schema_head
+        if scope.name is not None:
+            self.head += f"@{_encode_value(scope.name)}"
         self.primary_key = primary_key_names(mapper)
         #: Every key naming one entity, the primary key first.
         self.key_sets = (self.primary_key, *(keys for keys in key_sets if keys != self.primary_key))
@@ -186,6 +248,24 @@ class KeyBuilder:
         self.generation_key = self.named_key("generation")
         #: The model's list version: a new one turns every cached query result into a miss.
         self.list_version_key = self.named_key("list-version")
+        #: Replaced by writes made outside every named scope of the schema (which cannot
+        #: know the named scopes that hold the rows they wrote).
+        self.outside_generation_key = _bounded(f"{schema_head}:outside-generation")
+        self.outside_list_version_key = _bounded(f"{schema_head}:outside-list-version")
+        #: The tokens an entry of this scope is written under: its own, and in a named
+        #: scope the outside one too.
+        self.generation_keys: tuple[str, ...] = (self.generation_key,)
+        self.list_version_keys: tuple[str, ...] = (self.list_version_key,)
+        if scope.name is not None:
+            self.generation_keys += (self.outside_generation_key,)
+            self.list_version_keys += (self.outside_list_version_key,)
+
+    def scoped(self, scope: Scope) -> KeyBuilder:
+        """The same model's keys in ``scope``."""
+        if scope == self.scope:
+            return self
+        key_sets = self.key_sets[1:]
+        return KeyBuilder(self._prefix, self._mapper, self._fingerprint, key_sets, scope)
 
     def _shape(self, fields: KeySet) -> tuple[str, tuple[Callable[[Any], str], ...]]:
         try:

@@ -20,19 +20,25 @@ loop keeps running and no later read can overtake the invalidation.
 
 from __future__ import annotations
 
+import functools
+import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec
 
 from sqlalchemy import event, inspect
 from sqlalchemy.orm import Mapper, Session, attributes
 from sqlalchemy.orm.base import PassiveFlag
 
 from declcache._invalidation import ModelChanges
-from declcache._keys import primary_key_names
+from declcache._keys import UNSCOPED, primary_key_names
 from declcache._private_apis import await_only, in_greenlet
 from declcache._registry import cached_models
+from declcache._scope import OWN_LISTENERS
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from sqlalchemy.engine import Connection
     from sqlalchemy.orm import ORMExecuteState, SessionTransaction
 
     from declcache._manager import CacheManager
@@ -52,6 +58,8 @@ INVALIDATE_MODELS_OPTION = "invalidate_models"
 _FRAMES_KEY = "_declcache_frames"
 
 Changes = dict[type, ModelChanges]
+_P = ParamSpec("_P")
+logger = logging.getLogger("declcache.listeners")
 _state: dict[str, Any] = {"registered": False, "default": None}
 _register_lock = threading.Lock()
 
@@ -72,6 +80,7 @@ def setup_cache_listeners(default_manager: CacheManager | None = None) -> None:
         for row_event in ("after_insert", "after_update", "after_delete"):
             event.listen(Mapper, row_event, _after_row_written)
         event.listen(Session, "do_orm_execute", _do_orm_execute)
+        OWN_LISTENERS.add(_do_orm_execute)
         event.listen(Session, "after_soft_rollback", _after_soft_rollback)
         event.listen(Session, "after_commit", _after_commit)
         event.listen(Session, "after_transaction_end", _after_transaction_end)
@@ -94,6 +103,21 @@ def _frame(session: Session) -> Changes:
     changes: Changes = {}
     frames.append((transaction, changes))
     return changes
+
+
+def _change(
+    session: Session,
+    manager: CacheManager,
+    model: type,
+    *,
+    connection: Connection | None = None,
+    schemas: Mapping[str | None, str | None] | None = None,
+) -> ModelChanges:
+    """The innermost frame's changes of ``model``, noting the scope this write is made in."""
+    change = _frame(session).setdefault(model, ModelChanges())
+    scope = manager.scope(session, model, connection=connection, schemas=schemas, reading=False)
+    change.scopes.add(UNSCOPED if scope is None else scope)
+    return change
 
 
 def _cached_lineage(manager: CacheManager, mapper: Mapper[Any]) -> list[Mapper[Any]]:
@@ -147,7 +171,26 @@ def _old_and_new(instance: object, fields: tuple[str, ...]) -> set[tuple[Any, ..
     return {values for values in (tuple(old), tuple(new)) if None not in values}
 
 
-def _after_row_written(mapper: Mapper[Any], _connection: object, target: object) -> None:
+def _never_failing_the_database(record: Callable[_P, None]) -> Callable[_P, None]:
+    """Run a listener that records writes so that nothing it raises reaches the flush.
+
+    A cache configuration must never fail a database write; configurations are checked
+    when the mappers are configured, so this only guards against what slipped through.
+    Nothing was ever cached for a model whose cache cannot be built: nothing goes stale.
+    """
+
+    @functools.wraps(record)
+    def guarded(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        try:
+            record(*args, **kwargs)
+        except Exception:
+            logger.exception("declcache could not record a write for invalidation")
+
+    return guarded
+
+
+@_never_failing_the_database
+def _after_row_written(mapper: Mapper[Any], connection: Connection, target: object) -> None:
     """Record the keys of a row the unit of work inserted, updated or deleted.
 
     Mapper events see every row a flush writes, including cascades and delete-orphans that
@@ -161,7 +204,7 @@ def _after_row_written(mapper: Mapper[Any], _connection: object, target: object)
         spec = manager.spec(cached.class_)
         if spec is None:
             continue
-        change = _frame(session).setdefault(cached.class_, ModelChanges())
+        change = _change(session, manager, cached.class_, connection=connection)
         for fields in spec.key_fields:
             keys = _old_and_new(target, fields)
             if keys is None:  # a key value we cannot know: drop the whole model
@@ -183,15 +226,17 @@ def _written_mappers(state: ORMExecuteState) -> list[Mapper[Any]]:
     return []
 
 
+@_never_failing_the_database
 def _do_orm_execute(state: ORMExecuteState) -> None:
     manager = _manager_of(state.session)
     if manager is None:
         return
     named = state.execution_options.get(INVALIDATE_MODELS_OPTION) or ()
     mappers = [*_written_mappers(state), *(inspect(model) for model in named)]
+    schemas = state.execution_options.get("schema_translate_map")
     for mapper in mappers:
         for cached in _cached_family(manager, mapper):
-            _frame(state.session).setdefault(cached.class_, ModelChanges()).whole_model = True
+            _change(state.session, manager, cached.class_, schemas=schemas).whole_model = True
 
 
 def _inside(transaction: SessionTransaction | None, ancestor: SessionTransaction) -> bool:

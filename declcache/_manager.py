@@ -27,12 +27,13 @@ from declcache._api import Lookup
 from declcache._breaker import AsyncGuardedStore, Breaker, BreakerStats, GuardedStore
 from declcache._driver import arun, run
 from declcache._invalidation import ModelChanges
-from declcache._keys import KeyBuilder, primary_key_values
+from declcache._keys import UNSCOPED, KeyBuilder, Scope, primary_key_values
 from declcache._meta import ModelSpec, resolve_spec
 from declcache._model_cache import ModelCache
 from declcache._near import AsyncNearStore, NearCache, NearCacheStats
 from declcache._registry import cached_models, declared_meta
 from declcache._replay import Invalidator
+from declcache._scope import scope_of, scope_warnings
 from declcache._stats import FaultLog, ModelStats, StatsHook
 from declcache.exceptions import SettingsError
 from declcache.settings import CacheConfig
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable, Sequence
 
     from dogpile.cache.region import CacheRegion
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.orm import Session
 
     from declcache._api import Ident, Store
     from declcache._reads import ListProbe, Probe
@@ -73,6 +76,7 @@ class CacheManager:
         self._caches: dict[type, ModelCache | None] = {}
         self._lock = threading.RLock()
         self._faults = FaultLog(logger)
+        self._scope_warnings = scope_warnings()
         self._breaker = Breaker(self._config.breaker_interval)
         self._enabled = self._config.enabled and self._dogpile_available()
         self._backend = (
@@ -168,6 +172,7 @@ class CacheManager:
             max_value_bytes=self._config.max_value_bytes,
             faults=self._faults,
             on_stats=self._on_stats,
+            named_scopes=self._config.scope is not None,
         )
 
     def _region(self, backend: backends.Backend, spec: ModelSpec) -> CacheRegion:
@@ -186,48 +191,91 @@ class CacheManager:
                 f"{backend.name!r} needs a client library: {error} (pip install 'declcache[all]')",
             ) from None
 
-    def _usable(self, model: type) -> ModelCache | None:
-        """The model's cache, unless its invalidations are still waiting for the backend."""
+    def _usable(self, model: type, scope: Scope) -> ModelCache | None:
+        """The model's cache in ``scope``, unless its invalidations wait for the backend."""
         cache = self._cache(model)
-        return None if cache is None or self._invalidations.blocks(model) else cache
+        if cache is None or self._invalidations.blocks(model):
+            return None
+        return cache.scoped(scope)
 
-    async def _ausable(self, model: type) -> ModelCache | None:
+    async def _ausable(self, model: type, scope: Scope) -> ModelCache | None:
         """:meth:`_usable` for a coroutine."""
         cache = self._cache(model)
-        return None if cache is None or await self._invalidations.ablocks(model) else cache
+        if cache is None or await self._invalidations.ablocks(model):
+            return None
+        return cache.scoped(scope)
+
+    def _scoped(self, model: type, scope: Scope) -> ModelCache | None:
+        cache = self._cache(model)
+        return None if cache is None else cache.scoped(scope)
+
+    # -- scopes ----------------------------------------------------------------------------
+
+    def scope(
+        self,
+        session: Session,
+        model: type,
+        *,
+        connection: Connection | None = None,
+        schemas: Mapping[str | None, str | None] | None = None,
+        reading: bool = True,
+    ) -> Scope | None:
+        """The scope ``session``'s reads (or writes) of ``model`` use: its keys' namespace.
+
+        The schema its ``schema_translate_map`` sends the model's table to, and the name
+        :attr:`CacheConfig.scope` gives the session. ``None``: this read must not use the
+        cache (a ``do_orm_execute`` listener rewrites the session's statements and no scope
+        function accounts for it, or the scope function failed). A write always has one.
+        ``connection``: the one a flush writes with; ``schemas``: a statement's own schema
+        map. See docs/tenancy.md.
+        """
+        cache = self._cache(model)
+        return scope_of(
+            session,
+            inspect(model) if cache is None else cache.mapper,
+            self._config.scope,
+            self._scope_warnings,
+            connection=connection,
+            schemas=schemas,
+            reading=reading,
+        )
 
     # -- entity reads ----------------------------------------------------------------------
 
-    def get(self, model: type, ident: Ident) -> Any:
+    def get(self, model: type, ident: Ident, *, scope: Scope = UNSCOPED) -> Any:
         """The cached entity ``ident`` names, :attr:`Lookup.NOT_FOUND`, or :attr:`Lookup.MISS`.
 
         ``ident`` is a primary-key value, a tuple for a composite primary key, or a mapping
         ``{field: value}`` of the primary key or of a ``key_fields`` set.
         """
-        return self.probe(model, [ident]).results[0]
+        return self.probe(model, [ident], scope=scope).results[0]
 
-    def get_many(self, model: type, idents: Sequence[Ident]) -> list[Any]:
+    def get_many(
+        self, model: type, idents: Sequence[Ident], *, scope: Scope = UNSCOPED
+    ) -> list[Any]:
         """:meth:`get` for several entities in one backend round trip, in the order asked."""
-        return self.probe(model, idents).results
+        return self.probe(model, idents, scope=scope).results
 
-    def probe(self, model: type, idents: Sequence[Ident]) -> Probe:
+    def probe(self, model: type, idents: Sequence[Ident], *, scope: Scope = UNSCOPED) -> Probe:
         """:meth:`get_many`, keeping what the backend held for a fill after a miss.
 
         A caller that answers hits itself and loads only on a miss (the repositories) hands
         the probe to :meth:`load_many`, so a miss costs one look-up, not two.
         """
-        cache = self._usable(model)
+        cache = self._usable(model, scope)
         if cache is None or not idents:
             return _reads.missed(idents)
         return run(_reads.probe(cache, idents), cache.store)
 
-    async def aprobe(self, model: type, idents: Sequence[Ident]) -> Probe:
+    async def aprobe(
+        self, model: type, idents: Sequence[Ident], *, scope: Scope = UNSCOPED
+    ) -> Probe:
         """:meth:`probe` for a coroutine: awaited on the manager's async store.
 
         Natively on a single Redis (``redis.asyncio``); on the loop for the memory backend
         and near-cache hits; in a worker thread for clients without asyncio.
         """
-        cache = await self._ausable(model)
+        cache = await self._ausable(model, scope)
         if cache is None or not idents:
             return _reads.missed(idents)
         if not self.blocking:  # in process: nothing to await, so no coroutine layers either
@@ -235,7 +283,13 @@ class CacheManager:
         return await arun(_reads.probe(cache, idents), cache.astore)
 
     def load(
-        self, model: type, ident: Ident, loader: Callable[[], Any], *, probe: Probe | None = None
+        self,
+        model: type,
+        ident: Ident,
+        loader: Callable[[], Any],
+        *,
+        probe: Probe | None = None,
+        scope: Scope = UNSCOPED,
     ) -> Any:
         """The entity ``ident`` names, from the cache or else from ``loader()``; ``None`` if none.
 
@@ -243,7 +297,9 @@ class CacheManager:
         cached unless the entity was invalidated while it ran (no stale fill). ``probe`` is
         the :meth:`probe` of ``[ident]`` the caller already made, if any.
         """
-        return self.load_many(model, [ident], lambda _missing: [loader()], probe=probe)[0]
+        return self.load_many(
+            model, [ident], lambda _missing: [loader()], probe=probe, scope=scope
+        )[0]
 
     async def aload(
         self,
@@ -252,13 +308,14 @@ class CacheManager:
         loader: Callable[[], Awaitable[Any]],
         *,
         probe: Probe | None = None,
+        scope: Scope = UNSCOPED,
     ) -> Any:
         """:meth:`load` for a coroutine; ``loader`` is awaited on the loop."""
 
         async def load_one(_missing: list[Ident]) -> list[Any]:
             return [await loader()]
 
-        return (await self.aload_many(model, [ident], load_one, probe=probe))[0]
+        return (await self.aload_many(model, [ident], load_one, probe=probe, scope=scope))[0]
 
     def load_many(
         self,
@@ -267,6 +324,7 @@ class CacheManager:
         loader: Callable[[list[Ident]], Iterable[Any]],
         *,
         probe: Probe | None = None,
+        scope: Scope = UNSCOPED,
     ) -> list[Any]:
         """Entities in the order asked (``None`` where no row), one query for all misses.
 
@@ -276,7 +334,7 @@ class CacheManager:
         """
         if not idents:
             return []
-        cache = self._usable(model) if probe is None else self._cache(model)
+        cache = self._usable(model, scope) if probe is None else self._scoped(model, scope)
         flow = _reads.load(cache, model, idents, probe)
         return run(flow, None if cache is None else cache.store, loader)
 
@@ -287,30 +345,33 @@ class CacheManager:
         loader: Callable[[list[Ident]], Awaitable[Iterable[Any]]],
         *,
         probe: Probe | None = None,
+        scope: Scope = UNSCOPED,
     ) -> list[Any]:
         """:meth:`load_many` for a coroutine; ``loader`` is awaited on the loop."""
         if not idents:
             return []
-        cache = await self._ausable(model) if probe is None else self._cache(model)
+        cache = await self._ausable(model, scope) if probe is None else self._scoped(model, scope)
         flow = _reads.load(cache, model, idents, probe)
         return await arun(flow, None if cache is None else cache.astore, loader)
 
     # -- query results ---------------------------------------------------------------------
 
-    def probe_list(self, model: type, query_key: str) -> ListProbe:
+    def probe_list(self, model: type, query_key: str, *, scope: Scope = UNSCOPED) -> ListProbe:
         """The cached result :meth:`load_list` would return for ``query_key``, or ``MISS``.
 
         The list version it was looked up under comes with it: :meth:`load_list` fills
         against it after a miss, without looking up again.
         """
-        cache = self._usable(model)
+        cache = self._usable(model, scope)
         if cache is None:
             return _reads.ListProbe(Lookup.MISS, None)
         return run(_reads.probe_list(cache, query_key), cache.store)
 
-    async def aprobe_list(self, model: type, query_key: str) -> ListProbe:
+    async def aprobe_list(
+        self, model: type, query_key: str, *, scope: Scope = UNSCOPED
+    ) -> ListProbe:
         """:meth:`probe_list` for a coroutine (see :meth:`aprobe`)."""
-        cache = await self._ausable(model)
+        cache = await self._ausable(model, scope)
         if cache is None:
             return _reads.ListProbe(Lookup.MISS, None)
         if not self.blocking:  # see aprobe
@@ -324,6 +385,7 @@ class CacheManager:
         loader: Callable[[], Any],
         *,
         probe: ListProbe | None = None,
+        scope: Scope = UNSCOPED,
     ) -> Any:
         """A cached query result for ``query_key``, else ``loader()``'s, cached under the version.
 
@@ -331,7 +393,7 @@ class CacheManager:
         instances is cached as their column values, so a hit builds fresh detached instances.
         ``probe``: the :meth:`probe_list` of ``query_key`` the caller just made, if any.
         """
-        cache = self._usable(model)
+        cache = self._usable(model, scope)
         if cache is None:
             return loader()
         return run(_reads.load_list(cache, query_key, probe), cache.store, loader)
@@ -343,15 +405,21 @@ class CacheManager:
         loader: Callable[[], Awaitable[Any]],
         *,
         probe: ListProbe | None = None,
+        scope: Scope = UNSCOPED,
     ) -> Any:
         """:meth:`load_list` for a coroutine; ``loader`` is awaited on the loop."""
-        cache = await self._ausable(model)
+        cache = await self._ausable(model, scope)
         if cache is None:
             return await loader()
         return await arun(_reads.load_list(cache, query_key, probe), cache.astore, loader)
 
     def fill_mutex(
-        self, model: type, ident: Ident | None = None, *, query_key: str | None = None
+        self,
+        model: type,
+        ident: Ident | None = None,
+        *,
+        query_key: str | None = None,
+        scope: Scope = UNSCOPED,
     ) -> Any:
         """The backend's distributed lock for filling one entry; ``None`` when there is none.
 
@@ -364,7 +432,7 @@ class CacheManager:
             return None
         if self._breaker.state != "closed":  # the lock lives on the backend that failed
             return None
-        cache = self._cache(model)  # no replay here: async repositories call it on the loop
+        cache = self._scoped(model, scope)  # no replay: async repositories call it on the loop
         if cache is None or self._invalidations.holds(model):
             return None
         try:
@@ -378,18 +446,18 @@ class CacheManager:
 
     # -- warming -----------------------------------------------------------------------------
 
-    def set(self, model: type, instance: object) -> bool:
+    def set(self, model: type, instance: object, *, scope: Scope = UNSCOPED) -> bool:
         """Cache ``instance`` (loaded from the database) under each of its keys; warm-up use.
 
         Returns:
             Whether it was stored: ``False`` when the model is not cached, a column is not
             loaded or not encodable, or the backend failed.
         """
-        return self.set_many(model, [instance]) == 1
+        return self.set_many(model, [instance], scope=scope) == 1
 
-    def set_many(self, model: type, instances: Sequence[object]) -> int:
+    def set_many(self, model: type, instances: Sequence[object], *, scope: Scope = UNSCOPED) -> int:
         """Cache several instances unconditionally; returns how many were stored."""
-        cache = self._usable(model)
+        cache = self._usable(model, scope)
         if cache is None:
             return 0
         return run(_invalidation.warm(cache, instances), cache.store)
@@ -407,17 +475,23 @@ class CacheManager:
         """:meth:`apply` for a coroutine, awaited on the async store."""
         await self._invalidations.aapply(changes)
 
-    def invalidate(self, model: type, key: Ident) -> bool:
+    def invalidate(
+        self, model: type, key: Ident, *, scope: str | None = None, schema: str = ""
+    ) -> bool:
         """Drop the cached entity ``key`` names, and every cached list of the model.
 
         Args:
             model: the mapped class.
             key: a primary-key value (a tuple for a composite key) or a mapping of a key set.
+            scope: the named scope (tenant) whose entry to drop; ``None``: the row was
+                written outside every named scope, so every scope drops it.
+            schema: the schema a ``schema_translate_map`` sends the table to, if any.
 
         Returns:
             ``False`` when the backend could not be reached (the invalidation is queued).
         """
-        cache = self._cache(model)
+        where = Scope(schema, scope)
+        cache = self._scoped(model, where)
         if cache is None:
             return True
         try:
@@ -428,7 +502,7 @@ class CacheManager:
             values = tuple(key[name] for name in fields)
         else:
             values = primary_key_values(key)
-        change = ModelChanges(keys={(fields, values)})
+        change = ModelChanges(keys={(fields, values)}, scopes={where})
         primary_key = cache.keys.primary_key
         if fields != primary_key:
             pointed = run(_invalidation.pointed_primary_key(cache, entity_key), cache.store)
@@ -438,20 +512,24 @@ class CacheManager:
                 change.keys.add((primary_key, pointed))
         return self._invalidations.applied(model, change)
 
-    def invalidate_model(self, model: type) -> bool:
+    def invalidate_model(self, model: type, *, scope: str | None = None, schema: str = "") -> bool:
         """Drop every cached entity and list of ``model`` at once (a new generation token).
 
         Use it after writing the model's table outside the ORM (Core on a bare connection).
+        ``scope`` names the one scope (tenant) to drop; ``None`` drops every scope of
+        ``schema`` (the schema a ``schema_translate_map`` sends the table to, if any).
         """
-        return self._invalidations.applied(model, ModelChanges(whole_model=True))
+        change = ModelChanges(whole_model=True, scopes={Scope(schema, scope)})
+        return self._invalidations.applied(model, change)
 
-    def clear(self) -> bool:
-        """Drop everything this manager cached, for every model with a CacheMeta.
+    def clear(self, *, schema: str = "") -> bool:
+        """Drop everything this manager cached in ``schema``, for every model with a CacheMeta.
 
         Only this key prefix's tokens are replaced: nothing is scanned or flushed, so other
-        applications on the same server are untouched.
+        applications on the same server are untouched. Every named scope is dropped; a
+        schema-per-tenant application clears each tenant's schema by name.
         """
-        results = [self.invalidate_model(model) for model in cached_models()]
+        results = [self.invalidate_model(model, schema=schema) for model in cached_models()]
         return all(results)
 
     # -- closing -----------------------------------------------------------------------------

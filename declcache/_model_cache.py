@@ -9,10 +9,13 @@ its :attr:`store` and :attr:`astore` are how it is asked.
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+import cachetools
 from sqlalchemy import inspect
 from sqlalchemy.orm.attributes import instance_state
 
@@ -27,15 +30,18 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper
 
     from declcache._api import AsyncStore, Store
+    from declcache._keys import Scope
     from declcache._meta import ModelSpec
     from declcache._stats import FaultLog, StatsHook
 
-__all__ = ["TOKEN_TTL_FLOOR", "ModelCache"]
+__all__ = ["SCOPES_KEPT", "TOKEN_TTL_FLOOR", "ModelCache"]
 
 logger = logging.getLogger("declcache.manager")
 
 #: How long a generation or list-version token lives on the server, at least.
 TOKEN_TTL_FLOOR = 86_400
+#: Scopes (tenants) a model keeps built keys for; the least recently used are rebuilt.
+SCOPES_KEPT = 4096
 
 
 class ModelCache:
@@ -51,6 +57,8 @@ class ModelCache:
         max_value_bytes: payloads larger than this are not written.
         faults: the manager's rate-limited fault log.
         on_stats: the manager's counter hook.
+        named_scopes: whether sessions can read in named scopes (a scope function is
+            configured), so writes outside them must reach them too.
     """
 
     def __init__(
@@ -65,6 +73,7 @@ class ModelCache:
         max_value_bytes: int,
         faults: FaultLog,
         on_stats: StatsHook | None,
+        named_scopes: bool = False,
     ) -> None:
         mapper: Mapper[Any] = inspect(spec.model)
         self.spec = spec
@@ -83,6 +92,24 @@ class ModelCache:
         self.token_ttl = max(spec.ttl * 10, TOKEN_TTL_FLOOR)
         self._max_value_bytes = max_value_bytes
         self._faults = faults
+        self.named_scopes = named_scopes
+        self._scopes: cachetools.LRUCache[Scope, ModelCache] = cachetools.LRUCache(SCOPES_KEPT)
+        self._scopes_lock = threading.Lock()
+
+    def scoped(self, scope: Scope) -> ModelCache:
+        """This model's cache in ``scope``: the same stores, counters and codec; its keys.
+
+        Keys are built for a scope once (while it is among the :data:`SCOPES_KEPT` recent).
+        """
+        if scope == self.keys.scope:
+            return self
+        with self._scopes_lock:
+            found = self._scopes.get(scope)
+            if found is None:
+                found = copy.copy(self)
+                found.keys = self.keys.scoped(scope)
+                self._scopes[scope] = found
+            return found
 
     # -- faults ----------------------------------------------------------------------------
 

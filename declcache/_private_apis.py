@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     import cachetools
+    from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.orm import Session
     from sqlalchemy.sql import ClauseElement
     from sqlalchemy.sql.cache_key import CacheKey
@@ -27,6 +28,7 @@ __all__ = [
     "await_only",
     "cache_items",
     "dbm_opener",
+    "held_connection",
     "in_greenlet",
     "lru_order",
     "resp3_parser",
@@ -69,6 +71,21 @@ def session_is_clean(session: Session) -> bool:
     """
     clean: bool = session._is_clean()
     return clean
+
+
+def held_connection(session: Session, bind: Engine | Connection) -> Connection | None:
+    """The connection ``session``'s transaction holds for ``bind``, if it holds one yet.
+
+    ``SessionTransaction._connections``. A schema map set on that connection
+    (``session.connection(execution_options=…)``) decides what every statement of the
+    transaction reads, so the cache scope needs it; ``Session.connection()``, the public way,
+    would check a connection out of the pool on every cache hit that holds none yet.
+    """
+    transaction = session.get_transaction()
+    if transaction is None:
+        return None
+    held = transaction._connections.get(bind)
+    return None if held is None else held[0]
 
 
 def statement_cache_key(statement: ClauseElement) -> CacheKey | None:

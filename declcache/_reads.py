@@ -48,6 +48,7 @@ __all__ = [
     "Probe",
     "Ticket",
     "created_token",
+    "joined_token",
     "load",
     "load_list",
     "missed",
@@ -118,6 +119,18 @@ def created_token(cache: ModelCache, key: str) -> Flow[str]:
     return fresh
 
 
+def joined_token(cache: ModelCache, keys: Sequence[str], raws: Sequence[bytes | None]) -> Flow[str]:
+    """The token an entry is written under, from the token ``keys`` (``raws``: what they hold).
+
+    One key outside a named scope; in a named scope, its own token and the outside one, so a
+    change to either turns the scope's entries into misses. Missing tokens are created.
+    """
+    found = []
+    for key, raw in zip(keys, raws, strict=False):
+        found.append(cache.payloads.token(raw) or (yield from created_token(cache, key)))
+    return "|".join(found)
+
+
 # -- entities -------------------------------------------------------------------------------------
 
 
@@ -142,13 +155,17 @@ def probe(cache: ModelCache, idents: Sequence[Ident]) -> Flow[Probe]:
     second round trip. Returns a :class:`Probe`; a fault makes every ident a miss.
     """
     keys, wanted = _keys_of(cache, idents)
+    tokens = cache.keys.generation_keys
     try:
         started = time.monotonic()
-        raws = yield Call("get_many", [cache.keys.generation_key, *wanted])
-        generation = cache.payloads.token(raws[0]) or (
-            yield from created_token(cache, cache.keys.generation_key)
-        )
-        stored = raws[1:]
+        raws = yield Call("get_many", [*tokens, *wanted])
+        if len(tokens) == 1:  # unscoped, the common case: inline
+            generation = cache.payloads.token(raws[0]) or (
+                yield from created_token(cache, tokens[0])
+            )
+        else:
+            generation = yield from joined_token(cache, tokens, raws)
+        stored = raws[len(tokens) :]
         ticket = Ticket(generation, dict(zip(wanted, stored, strict=True)), started)
         parsed = [cache.current(raw, generation) for raw in stored]
         pointers = _pointers(cache, parsed)
@@ -303,15 +320,14 @@ def _fill_swaps(
 def probe_list(cache: ModelCache, query_key: str) -> Flow[ListProbe]:
     """The cached result of the query ``query_key`` names (or ``MISS``), and the list version."""
     key = cache.keys.list_key(query_key)
+    tokens = cache.keys.list_version_keys
     try:
-        raws = yield Call("get_many", [cache.keys.list_version_key, key])
-        version = cache.payloads.token(raws[0]) or (
-            yield from created_token(cache, cache.keys.list_version_key)
-        )
+        raws = yield Call("get_many", [*tokens, key])
+        version = yield from joined_token(cache, tokens, raws)
     except Exception as error:
         cache.fault("get", error)
         return ListProbe(Lookup.MISS, None)
-    cached = _listed(cache, cache.current(raws[1], version))
+    cached = _listed(cache, cache.current(raws[-1], version))
     cache.counters.add("misses" if cached is Lookup.MISS else "hits")
     return ListProbe(cached, version)
 

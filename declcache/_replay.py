@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING
 
 from declcache._driver import arun, run
 from declcache._invalidation import ModelChanges, invalidate
+from declcache._keys import UNSCOPED
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
 
+    from declcache._keys import Scope
     from declcache._model_cache import ModelCache
 
 __all__ = ["INVALIDATION_QUEUE_LIMIT", "REPLAY_INTERVAL", "Invalidator", "ReplayQueue"]
@@ -43,15 +45,15 @@ class ReplayQueue:
     """Queued invalidations of one manager.
 
     Args:
-        write: writes ``(model, changes)`` to the backend, ``changes=None`` meaning "the whole
-            model"; raises while the backend is down.
+        write: writes ``(model, changes)`` to the backend; raises while the backend is down.
     """
 
-    def __init__(self, write: Callable[[type, ModelChanges | None], None]) -> None:
+    def __init__(self, write: Callable[[type, ModelChanges], None]) -> None:
         self._write = write
         self._entries: deque[tuple[type, ModelChanges]] = deque()
         self._size = 0
-        self._overflowed: set[type] = set()
+        #: Models past the limit, and the scopes to invalidate them in, whole.
+        self._overflowed: dict[type, set[Scope]] = {}
         self._lock = threading.Lock()
         self._replay_lock = threading.Lock()
         self._next_attempt = 0.0
@@ -80,7 +82,7 @@ class ReplayQueue:
         with self._lock:
             full = self._size + change.size > INVALIDATION_QUEUE_LIMIT
             if full:
-                self._overflowed.add(model)
+                self._overflowed.setdefault(model, set()).update(change.scopes or {UNSCOPED})
             else:
                 self._entries.append((model, change))
                 self._size += change.size
@@ -116,10 +118,10 @@ class ReplayQueue:
                     return
                 self._next_attempt = started + REPLAY_INTERVAL
                 pending = list(self._entries)
-                overflowed = set(self._overflowed)
+                overflowed = {model: set(scopes) for model, scopes in self._overflowed.items()}
             try:
-                for model in overflowed:
-                    self._write(model, None)
+                for model, scopes in overflowed.items():
+                    self._write(model, ModelChanges(whole_model=True, scopes=scopes))
                 for model, change in pending:
                     self._write(model, change)
             except Exception:
@@ -128,7 +130,12 @@ class ReplayQueue:
                 for _ in pending:
                     _, change = self._entries.popleft()
                     self._size -= change.size
-                self._overflowed -= overflowed
+                for model, scopes in overflowed.items():
+                    left = self._overflowed[model] - scopes
+                    if left:
+                        self._overflowed[model] = left
+                    else:
+                        del self._overflowed[model]
             logger.info("replayed %d queued invalidations after a backend fault", len(pending))
         finally:
             self._replay_lock.release()
@@ -245,7 +252,7 @@ class Invalidator:
         kept = self._queue.add(model, change)
         cache.counters.add("invalidations_queued" if kept else "invalidations_overflowed")
 
-    def _write_replayed(self, model: type, change: ModelChanges | None) -> None:
+    def _write_replayed(self, model: type, change: ModelChanges) -> None:
         cache = self._cache_of(model)
         if cache is not None:
-            run(invalidate(cache, change or ModelChanges(whole_model=True)), cache.store)
+            run(invalidate(cache, change), cache.store)

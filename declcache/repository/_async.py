@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
     from declcache._manager import CacheManager
+    from declcache.repository._base import CacheView
 
 __all__ = ["SQLAlchemyAsyncRepository"]
 
@@ -102,13 +103,13 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         Raises:
             NotFoundError: there is no such row.
         """
-        manager = self._cache_for(use_cache)
-        if manager is None:
+        cache = self._cache_for(use_cache)
+        if cache is None:
             item = await self.session.get(self.model_type, item_id)
         else:
             item = self._held(item_id)
             if item is None:
-                item = await self._read_entity(manager, item_id)
+                item = await self._read_entity(cache, item_id)
         found = self.check_not_found(item, item_id)
         self._expunge([found], auto_expunge)
         return found
@@ -123,27 +124,23 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         idents = list(item_ids)
         if not idents:
             return []
-        manager = self._cache_for(use_cache)
-        if manager is None:
+        cache = self._cache_for(use_cache)
+        if cache is None:
             loaded = await self._all(self._many_statement(idents, reload=False))
             items = match(self._mapper, idents, loaded)
         else:
-            items = await self._load_many(manager, idents)
+            items = await self._load_many(cache, idents)
         self._expunge(items, auto_expunge)
         return items
 
-    async def _load_many(
-        self, manager: CacheManager, idents: builtins.list[Any]
-    ) -> builtins.list[Any]:
+    async def _load_many(self, cache: CacheView, idents: builtins.list[Any]) -> builtins.list[Any]:
         held = [self._held(ident) for ident in idents]
         rest = [ident for ident, item in zip(idents, held, strict=True) if item is None]
-        loaded = iter(await self._load_rest(manager, rest) if rest else [])
+        loaded = iter(await self._load_rest(cache, rest) if rest else [])
         return [next(loaded) if item is None else item for item in held]
 
-    async def _load_rest(
-        self, manager: CacheManager, idents: builtins.list[Any]
-    ) -> builtins.list[Any]:
-        probe = await manager.aprobe(self.model_type, idents)
+    async def _load_rest(self, cache: CacheView, idents: builtins.list[Any]) -> builtins.list[Any]:
+        probe = await cache.aprobe(self.model_type, idents)
         found: Sequence[Any] = probe.results
         if any(result is Lookup.MISS for result in found):  # else no query
 
@@ -153,7 +150,7 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
                 )
                 return loaded
 
-            found = await manager.aload_many(self.model_type, idents, loader, probe=probe)
+            found = await cache.aload_many(self.model_type, idents, loader, probe=probe)
         return [self._settled(ident, item) for ident, item in zip(idents, found, strict=True)]
 
     async def get_one(
@@ -185,22 +182,22 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         Served from the cache when there are no ``filters`` and ``fields`` are exactly the
         primary key or a ``key_fields`` set of the model; otherwise a query.
         """
-        manager = self._cache_for(use_cache)
-        ident = None if manager is None else self._key_ident(manager, filters, fields)
+        cache = self._cache_for(use_cache)
+        ident = None if cache is None else self._key_ident(cache, filters, fields)
         item: ModelT | None
-        if manager is not None and ident is not None:
+        if cache is not None and ident is not None:
             item = self._held(ident)
             if item is None:
-                item = await self._read_entity(manager, ident)
+                item = await self._read_entity(cache, ident)
         else:
             result = await self.session.execute(self._select(filters, fields))
             item = result.scalars().one_or_none()
         self._expunge([item], auto_expunge)
         return item
 
-    async def _read_entity(self, manager: CacheManager, ident: Any) -> Any:
+    async def _read_entity(self, cache: CacheView, ident: Any) -> Any:
         landed = _FLIGHTS.landed
-        probe = await manager.aprobe(self.model_type, [ident])
+        probe = await cache.aprobe(self.model_type, [ident])
         found = probe.results[0]
         if found is Lookup.MISS:
 
@@ -208,7 +205,7 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
                 result = await self.session.execute(self._entity_statement(ident))
                 return result.scalars().one_or_none()
 
-            found = await self._run(self._entity_read(manager, ident), query, probe, landed)
+            found = await self._run(self._entity_read(cache, ident), query, probe, landed)
         return self._settled(ident, found)
 
     def _settled(self, ident: Any, found: Any) -> Any:
@@ -273,15 +270,15 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         return bool(await self._cached_query("exists", statement, use_cache))
 
     async def _cached_query(self, kind: str, statement: Select[Any], use_cache: bool) -> Any:
-        manager = self._cache_for(use_cache)
-        key = None if manager is None else self._query_key(kind, statement)
-        if manager is None or key is None:
+        cache = self._cache_for(use_cache)
+        key = None if cache is None else self._query_key(cache, kind, statement)
+        if cache is None or key is None:
             return await self._query(kind, statement, reload=False)
         landed = _FLIGHTS.landed
-        probe = await manager.aprobe_list(self.model_type, key)
+        probe = await cache.aprobe_list(self.model_type, key)
         if probe.result is not Lookup.MISS:
             return probe.result
-        read = self._query_read(manager, key)
+        read = self._query_read(cache, key)
         query = lambda: self._query(kind, statement, reload=True)  # noqa: E731
         return await self._run(read, query, probe, landed)
 

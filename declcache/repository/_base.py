@@ -9,7 +9,10 @@ When the cache is used (see :meth:`RepositoryBase._cache_for`):
 * only for models the manager caches, and unless ``use_cache=False``;
 * never while the session holds changes to the model — pending, or flushed and not yet
   committed. The cache holds committed rows only: such a session reads the database (and
-  sees its own writes), and never fills the cache with rows another transaction cannot see.
+  sees its own writes), and never fills the cache with rows another transaction cannot see;
+* always in the session's scope (:mod:`declcache._scope`): its schema and tenant are part of
+  every key it reads and fills, and of every singleflight key, so one tenant never receives
+  what another read; a session whose scope cannot be told reads the database.
 
 A database read on the cached path reloads the row (``populate_existing``): an instance the
 session loaded earlier must not put its older state into the cache.
@@ -30,6 +33,7 @@ from declcache._api import Ident, Lookup
 from declcache._keys import ident_parts, normalized, primary_key_names, primary_key_values
 from declcache._listeners import SESSION_MANAGER_KEY, has_uncommitted_changes
 from declcache._private_apis import session_is_clean
+from declcache._scope import translate_map
 from declcache.exceptions import NotFoundError
 from declcache.repository._statement_key import query_key
 
@@ -38,11 +42,13 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Mapper, Session
     from sqlalchemy.sql.selectable import TableClause
 
+    from declcache._keys import Scope
     from declcache._manager import CacheManager
     from declcache._meta import ModelSpec
+    from declcache._reads import ListProbe, Probe
     from declcache._singleflight import Outcome
 
-__all__ = ["CachedRead", "ModelT", "RepositoryBase"]
+__all__ = ["CacheView", "CachedRead", "ModelT", "RepositoryBase"]
 
 logger = logging.getLogger("declcache.repository")
 
@@ -64,6 +70,51 @@ def _spec(manager: CacheManager, model: type) -> ModelSpec | None:
 def _found(result: Any) -> Any:
     """A manager lookup result as the repository returns it: ``NOT_FOUND`` becomes ``None``."""
     return None if result is Lookup.NOT_FOUND else result
+
+
+@dataclass(frozen=True, slots=True)
+class CacheView:
+    """The manager as one session's reads use it: in that session's scope.
+
+    Equal views are one scope of one manager, so a singleflight key holding a view is a
+    key per scope: a read in one tenant never lands on another tenant's flight.
+    """
+
+    manager: CacheManager
+    scope: Scope
+
+    def probe(self, model: type, idents: Sequence[Ident]) -> Probe:
+        """:meth:`CacheManager.probe` in this scope."""
+        return self.manager.probe(model, idents, scope=self.scope)
+
+    async def aprobe(self, model: type, idents: Sequence[Ident]) -> Probe:
+        """:meth:`CacheManager.aprobe` in this scope."""
+        return await self.manager.aprobe(model, idents, scope=self.scope)
+
+    def load_many(
+        self, model: type, idents: Sequence[Ident], loader: Callable[[list[Ident]], Any]
+    ) -> list[Any]:
+        """:meth:`CacheManager.load_many` in this scope."""
+        return self.manager.load_many(model, idents, loader, scope=self.scope)
+
+    async def aload_many(
+        self,
+        model: type,
+        idents: Sequence[Ident],
+        loader: Callable[[list[Ident]], Awaitable[Iterable[Any]]],
+        *,
+        probe: Probe | None = None,
+    ) -> list[Any]:
+        """:meth:`CacheManager.aload_many` in this scope."""
+        return await self.manager.aload_many(model, idents, loader, probe=probe, scope=self.scope)
+
+    def probe_list(self, model: type, query_key: str) -> ListProbe:
+        """:meth:`CacheManager.probe_list` in this scope."""
+        return self.manager.probe_list(model, query_key, scope=self.scope)
+
+    async def aprobe_list(self, model: type, query_key: str) -> ListProbe:
+        """:meth:`CacheManager.aprobe_list` in this scope."""
+        return await self.manager.aprobe_list(model, query_key, scope=self.scope)
 
 
 @dataclass(frozen=True)
@@ -123,6 +174,7 @@ class RepositoryBase(Generic[ModelT]):
         self._mapper, self._pk_columns, self._pk_names = _model_shape(model)
         self._dialect: Dialect | None = None
         self._manager = self._attach_manager(sync_session, cache_manager)
+        self._views: dict[Scope, CacheView] = {}
 
     @staticmethod
     def _attach_manager(session: Session, explicit: CacheManager | None) -> CacheManager | None:
@@ -150,15 +202,21 @@ class RepositoryBase(Generic[ModelT]):
 
     # -- policy ----------------------------------------------------------------------------
 
-    def _cache_for(self, use_cache: bool) -> CacheManager | None:
-        """The manager when the cache may answer this read (see the module doc), else ``None``."""
+    def _cache_for(self, use_cache: bool) -> CacheView | None:
+        """The cache in the session's scope when it may answer this read (see the module doc)."""
         manager = self._manager
         if not use_cache or manager is None or not manager.is_cached(self.model_type):
             return None
         if self._is_writing():
             logger.debug("%s read from the database: this session is writing it", self._name)
             return None
-        return manager
+        scope = manager.scope(self._sync_session, self.model_type)
+        if scope is None:
+            return None
+        view = self._views.get(scope)
+        if view is None or view.manager is not manager:
+            view = self._views[scope] = CacheView(manager, scope)
+        return view
 
     def _is_writing(self) -> bool:
         """Whether the session holds pending or flushed, uncommitted changes to the model."""
@@ -233,33 +291,35 @@ class RepositoryBase(Generic[ModelT]):
         return statement.execution_options(populate_existing=True) if reload else statement
 
     def _key_ident(
-        self, manager: CacheManager, filters: Sequence[Any], fields: Mapping[str, Any]
+        self, cache: CacheView, filters: Sequence[Any], fields: Mapping[str, Any]
     ) -> dict[str, Any] | None:
         """``fields`` as a cache ident when they are exactly a key of the model, else ``None``."""
         if filters or not fields or any(value is None for value in fields.values()):
             return None
-        spec = _spec(manager, self.model_type)
+        spec = _spec(cache.manager, self.model_type)
         if spec is None or not any(set(keys) == set(fields) for keys in spec.key_fields):
             return None
         return dict(fields)
 
-    def _entity_flight_key(self, manager: CacheManager, ident: Ident) -> Hashable | None:
+    def _entity_flight_key(self, cache: CacheView, ident: Ident) -> Hashable | None:
         fields, values = ident_parts(ident, self._pk_names)
         try:
             named = sorted(zip(fields, values, strict=True), key=lambda pair: pair[0])
             names = tuple(name for name, _ in named)  # a key set named in any order
             texts = normalized(self._mapper, names, [value for _, value in named])
-            return (manager, self.model_type, names, texts)
+            return (cache, self.model_type, names, texts)
         except (ValueError, TypeError, KeyError):
             return None
 
-    def _entity_read(self, manager: CacheManager, ident: Ident) -> CachedRead:
-        model = self.model_type
+    def _entity_read(self, cache: CacheView, ident: Ident) -> CachedRead:
+        model, manager, scope = self.model_type, cache.manager, cache.scope
         return CachedRead(
-            flight_key=self._entity_flight_key(manager, ident),
-            load=lambda loader, probe: manager.load(model, ident, loader, probe=probe),
-            aload=lambda loader, probe: manager.aload(model, ident, loader, probe=probe),
-            mutex=lambda: manager.fill_mutex(model, ident),
+            flight_key=self._entity_flight_key(cache, ident),
+            load=lambda loader, probe: manager.load(model, ident, loader, probe=probe, scope=scope),
+            aload=lambda loader, probe: manager.aload(
+                model, ident, loader, probe=probe, scope=scope
+            ),
+            mutex=lambda: manager.fill_mutex(model, ident, scope=scope),
         )
 
     # -- queries -----------------------------------------------------------------------------
@@ -297,18 +357,29 @@ class RepositoryBase(Generic[ModelT]):
             .limit(1)
         )
 
-    def _query_key(self, kind: str, statement: Select[Any]) -> str | None:
-        """The cache key of a query result, or ``None`` when the query cannot be keyed."""
-        return query_key(kind, statement, self._get_dialect(), self._tables)
+    def _query_key(self, cache: CacheView, kind: str, statement: Select[Any]) -> str | None:
+        """The cache key of a query result, or ``None`` when the query cannot be keyed.
 
-    def _query_read(self, manager: CacheManager, key: str) -> CachedRead:
+        In a translated schema, the whole schema map is part of it: a query may join tables
+        the map sends elsewhere than the model's.
+        """
+        schemas = None
+        if cache.scope.schema:
+            schemas = translate_map(self._sync_session, self._mapper)
+        return query_key(kind, statement, self._get_dialect(), self._tables, schemas)
+
+    def _query_read(self, cache: CacheView, key: str) -> CachedRead:
         """The read-through of the query result cached under ``key``."""
-        model = self.model_type
+        model, manager, scope = self.model_type, cache.manager, cache.scope
         return CachedRead(
-            flight_key=(manager, model, key),
-            load=lambda loader, probe: manager.load_list(model, key, loader, probe=probe),
-            aload=lambda loader, probe: manager.aload_list(model, key, loader, probe=probe),
-            mutex=lambda: manager.fill_mutex(model, query_key=key),
+            flight_key=(cache, model, key),
+            load=lambda loader, probe: manager.load_list(
+                model, key, loader, probe=probe, scope=scope
+            ),
+            aload=lambda loader, probe: manager.aload_list(
+                model, key, loader, probe=probe, scope=scope
+            ),
+            mutex=lambda: manager.fill_mutex(model, query_key=key, scope=scope),
         )
 
     def _get_dialect(self) -> Dialect:

@@ -176,8 +176,18 @@ def _shape(statement: ClauseElement, dialect: Dialect, tables: frozenset[TableCl
     return compiled, None, compiled.construct_params(extracted_parameters=cache_key.bindparams)
 
 
+def _translated(statement: ClauseElement, schemas: Mapping[str | None, str | None]) -> set[str]:
+    """Where ``schemas`` sends each table ``statement`` reads (only these decide its rows)."""
+    found = find_tables(statement, include_joins=True, include_aliases=True)
+    return {f"{table.schema}>{schemas[table.schema]}" for table in found if table.schema in schemas}
+
+
 def query_key(
-    kind: str, statement: ClauseElement, dialect: Dialect, tables: frozenset[TableClause]
+    kind: str,
+    statement: ClauseElement,
+    dialect: Dialect,
+    tables: frozenset[TableClause],
+    schemas: Mapping[str | None, str | None] | None = None,
 ) -> str | None:
     """``kind`` plus a hash of ``statement``'s SQL and parameters; ``None`` if not cacheable.
 
@@ -186,6 +196,7 @@ def query_key(
         statement: the statement the repository runs.
         dialect: the dialect it runs on (the SQL text depends on it).
         tables: the tables the model's list version covers.
+        schemas: the ``schema_translate_map`` it runs with (the SQL text holds none).
     """
     try:
         compiled, reason, values = _shape(statement, dialect, tables)
@@ -199,4 +210,6 @@ def query_key(
         logger.debug("query not cached: its parameters are incomplete (%r): %s", error, statement)
         return None
     text = f"{dialect.name}\n{compiled.string}\n{params}"
+    if schemas:
+        text += "\n" + ";".join(sorted(_translated(statement, schemas)))
     return f"{kind}:{hashlib.sha256(text.encode()).hexdigest()[:32]}"

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
     from declcache._manager import CacheManager
+    from declcache.repository._base import CacheView
 
 __all__ = ["SQLAlchemySyncRepository"]
 
@@ -93,13 +94,13 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
         Raises:
             NotFoundError: there is no such row.
         """
-        manager = self._cache_for(use_cache)
-        if manager is None:
+        cache = self._cache_for(use_cache)
+        if cache is None:
             item = self.session.get(self.model_type, item_id)
         else:
             item = self._held(item_id)
             if item is None:
-                item = self._read_entity(manager, item_id)
+                item = self._read_entity(cache, item_id)
         found = self.check_not_found(item, item_id)
         self._expunge([found], auto_expunge)
         return found
@@ -114,24 +115,24 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
         idents = list(item_ids)
         if not idents:
             return []
-        manager = self._cache_for(use_cache)
-        if manager is None:
+        cache = self._cache_for(use_cache)
+        if cache is None:
             items = match(
                 self._mapper, idents, self._all(self._many_statement(idents, reload=False))
             )
         else:
             held = [self._held(ident) for ident in idents]
             rest = [ident for ident, item in zip(idents, held, strict=True) if item is None]
-            loaded = iter(self._load_many(manager, rest) if rest else [])
+            loaded = iter(self._load_many(cache, rest) if rest else [])
             items = [next(loaded) if item is None else item for item in held]
         self._expunge(items, auto_expunge)
         return items
 
-    def _load_many(self, manager: CacheManager, idents: builtins.list[Any]) -> builtins.list[Any]:
+    def _load_many(self, cache: CacheView, idents: builtins.list[Any]) -> builtins.list[Any]:
         def loader(missing: builtins.list[Any]) -> builtins.list[Any]:
             return self._all(self._many_statement(missing, reload=True))
 
-        return manager.load_many(self.model_type, idents, loader)
+        return cache.load_many(self.model_type, idents, loader)
 
     def get_one(
         self,
@@ -162,21 +163,21 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
         Served from the cache when there are no ``filters`` and ``fields`` are exactly the
         primary key or a ``key_fields`` set of the model; otherwise a query.
         """
-        manager = self._cache_for(use_cache)
-        ident = None if manager is None else self._key_ident(manager, filters, fields)
+        cache = self._cache_for(use_cache)
+        ident = None if cache is None else self._key_ident(cache, filters, fields)
         item: ModelT | None
-        if manager is not None and ident is not None:
+        if cache is not None and ident is not None:
             item = self._held(ident)
             if item is None:
-                item = self._read_entity(manager, ident)
+                item = self._read_entity(cache, ident)
         else:
             item = self.session.execute(self._select(filters, fields)).scalars().one_or_none()
         self._expunge([item], auto_expunge)
         return item
 
-    def _read_entity(self, manager: CacheManager, ident: Any) -> Any:
+    def _read_entity(self, cache: CacheView, ident: Any) -> Any:
         landed = _FLIGHTS.landed
-        probe = manager.probe(self.model_type, [ident])
+        probe = cache.probe(self.model_type, [ident])
         found = probe.results[0]
         if found is not Lookup.MISS:  # a hit: no plan, no singleflight, no statement
             return _found(found)
@@ -184,7 +185,7 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
         def loader() -> Any:
             return self.session.execute(self._entity_statement(ident)).scalars().one_or_none()
 
-        return self._run(self._entity_read(manager, ident), loader, probe, landed)
+        return self._run(self._entity_read(cache, ident), loader, probe, landed)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -238,15 +239,15 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
         return bool(self._cached_query("exists", statement, use_cache))
 
     def _cached_query(self, kind: str, statement: Select[Any], use_cache: bool) -> Any:
-        manager = self._cache_for(use_cache)
-        key = None if manager is None else self._query_key(kind, statement)
-        if manager is None or key is None:
+        cache = self._cache_for(use_cache)
+        key = None if cache is None else self._query_key(cache, kind, statement)
+        if cache is None or key is None:
             return self._query(kind, statement, reload=False)
         landed = _FLIGHTS.landed
-        probe = manager.probe_list(self.model_type, key)
+        probe = cache.probe_list(self.model_type, key)
         if probe.result is not Lookup.MISS:
             return probe.result
-        read = self._query_read(manager, key)
+        read = self._query_read(cache, key)
         return self._run(read, lambda: self._query(kind, statement, reload=True), probe, landed)
 
     def _query(self, kind: str, statement: Select[Any], *, reload: bool) -> Any:

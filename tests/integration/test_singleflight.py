@@ -235,15 +235,15 @@ async def test_a_late_look_up_returns_the_instance_its_session_holds(
 
     first = True
 
-    async def held_back(model: type, idents: Any) -> Any:
+    async def held_back(model: type, idents: Any, **options: Any) -> Any:
         nonlocal first
         if first:
             first = False
-            return await real_probe(model, idents)
+            return await real_probe(model, idents, **options)
         if late == "look-up":
             await landed()
-            return await real_probe(model, idents)
-        probe = await real_probe(model, idents)
+            return await real_probe(model, idents, **options)
+        probe = await real_probe(model, idents, **options)
         await landed()
         return probe
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from declcache import CacheManager, Lookup, _invalidation, _reads
 from declcache._driver import LOAD, Call, Flow, arun, run
-from declcache._keys import KeyBuilder
+from declcache._keys import KeyBuilder, Scope
 from declcache._model_cache import ModelCache
 from declcache._payload import ENTITY, POINTER, Payloads
 from declcache._stats import FaultLog
@@ -37,8 +37,13 @@ class Member(Base):
         key_fields = ("email",)
 
 
+@pytest.fixture(params=[False, True], ids=["unnamed", "named-scopes"])
+def named_scopes(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
 @pytest.fixture
-def cache() -> ModelCache:
+def cache(named_scopes: bool) -> ModelCache:
     spec = CacheManager().spec(Member)
     assert spec is not None
     keys = KeyBuilder("t:", inspect(Member), spec.fingerprint, spec.key_fields)
@@ -52,6 +57,7 @@ def cache() -> ModelCache:
         max_value_bytes=1 << 20,
         faults=FaultLog(logging.getLogger("test")),
         on_stats=None,
+        named_scopes=named_scopes,
     )
 
 
@@ -163,8 +169,12 @@ def test_a_row_read_before_the_look_up_is_returned_not_cached(cache: ModelCache)
     assert cache.counters.snapshot().fills_refused == 1
 
 
-def test_an_invalidation_is_one_write_of_tombstones_and_tokens(cache: ModelCache) -> None:
+def test_an_invalidation_is_one_write_of_tombstones_and_tokens(
+    cache: ModelCache, named_scopes: bool
+) -> None:
     change = _invalidation.ModelChanges(keys={(("id",), (7,)), (("email",), ("a@b.c",))})
+    # with a scope function, a write outside every named scope reaches them through these
+    outside = {cache.keys.outside_generation_key, cache.keys.outside_list_version_key}
 
     calls, _ = play(_invalidation.invalidate(cache, change), [None])
 
@@ -175,13 +185,74 @@ def test_an_invalidation_is_one_write_of_tombstones_and_tokens(cache: ModelCache
         cache.keys.of_ident(7)[1]: cache.server_ttl,
         cache.keys.of_ident({"email": "a@b.c"})[1]: cache.server_ttl,
         cache.keys.list_version_key: cache.token_ttl,
+        **dict.fromkeys(outside if named_scopes else (), cache.token_ttl),
     }
     whole = _invalidation.ModelChanges(whole_model=True)
     calls, _ = play(_invalidation.invalidate(cache, whole), [None])
     assert {key for key, _, _ in calls[0].args[0]} == {
         cache.keys.list_version_key,
         cache.keys.generation_key,
+        *(outside if named_scopes else ()),
     }
+
+
+def test_a_scope_has_keys_of_its_own_and_reads_the_outside_token(cache: ModelCache) -> None:
+    tenant = cache.scoped(Scope(name="acme"))
+    schema = cache.scoped(Scope("tenant_b"))
+    both = cache.scoped(Scope("tenant_b", "acme"))
+    everyone = [cache, tenant, schema, both]
+
+    assert len({view.keys.of_ident(7)[1] for view in everyone}) == 4
+    assert len({view.keys.list_key("list:x") for view in everyone}) == 4
+    assert cache.scoped(Scope(name="acme")) is tenant  # built once
+    assert tenant.store is cache.store
+    assert tenant.counters is cache.counters
+    token = Payloads.token_value("g1")
+    outside = Payloads.token_value("o1")
+    calls, probe = play(
+        _reads.probe(tenant, [7]), [[token, outside, entity(cache, "g1|o1", 7, "a@b.c")]]
+    )
+    assert calls[0].args == (
+        [tenant.keys.generation_key, cache.keys.outside_generation_key, tenant.keys.of_ident(7)[1]],
+    )
+    assert probe.results[0].id == 7
+    _, probe = play(  # a write outside the named scopes replaced the outside token
+        _reads.probe(tenant, [7]),
+        [[token, Payloads.token_value("o2"), entity(cache, "g1|o1", 7, "a@b.c")]],
+    )
+    assert probe.results == [Lookup.MISS]
+
+
+def test_a_write_in_a_scope_reaches_it_and_the_unnamed_view_only(cache: ModelCache) -> None:
+    acme = Scope(name="acme")
+    change = _invalidation.ModelChanges(keys={(("id",), (7,))}, scopes={acme})
+
+    calls, _ = play(_invalidation.invalidate(cache, change), [None])
+
+    written = {key for key, _, _ in calls[0].args[0]}
+    tenant = cache.scoped(acme)
+    assert written == {
+        tenant.keys.of_ident(7)[1],
+        tenant.keys.list_version_key,
+        cache.keys.of_ident(7)[1],
+        cache.keys.list_version_key,
+    }
+    assert cache.scoped(Scope(name="globex")).keys.of_ident(7)[1] not in written
+
+
+def test_a_write_outside_the_named_scopes_reaches_them_all(
+    cache: ModelCache, named_scopes: bool
+) -> None:
+    change = _invalidation.ModelChanges(keys={(("id",), (7,))}, scopes={Scope()})
+
+    calls, _ = play(_invalidation.invalidate(cache, change), [None])
+
+    written = {key for key, _, _ in calls[0].args[0]}
+    outside = {cache.keys.outside_generation_key, cache.keys.outside_list_version_key}
+    assert {cache.keys.of_ident(7)[1], cache.keys.list_version_key} <= written
+    # only when named scopes can exist: without a scope function nobody reads those tokens
+    assert (outside <= written) is named_scopes
+    assert bool(outside & written) is named_scopes
 
 
 class DictStore:

@@ -47,6 +47,21 @@ def test_session_is_clean_tells_a_session_with_changes() -> None:
         assert not _private_apis.session_is_clean(session)
 
 
+def test_held_connection_is_the_transactions_connection_with_its_options() -> None:
+    engine = create_engine("sqlite://")
+    with Session(engine) as session:
+        assert _private_apis.held_connection(session, engine) is None  # nothing begun
+        session.begin()
+        assert _private_apis.held_connection(session, engine) is None  # no connection yet
+        schemas = {None: "tenant_b"}
+        connection = session.connection(execution_options={"schema_translate_map": schemas})
+        held = _private_apis.held_connection(session, engine)
+        assert held is connection
+        assert held.get_execution_options()["schema_translate_map"] == schemas
+        session.begin_nested()
+        assert _private_apis.held_connection(session, engine) is connection
+
+
 def test_statement_cache_key_separates_shape_from_values() -> None:
     one = _private_apis.statement_cache_key(select(Thing).where(Thing.id == 1))
     two = _private_apis.statement_cache_key(select(Thing).where(Thing.id == 2))

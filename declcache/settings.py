@@ -57,6 +57,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from declcache import backends
 from declcache._meta import check_override
+from declcache._secrets import masked
+from declcache.backends._arguments import MAX_EXPIRY, MAX_WAIT
 from declcache.exceptions import SettingsError
 from declcache.serializers import resolve_format
 
@@ -79,6 +81,12 @@ DEFAULT_MEMORY_MAX_ENTRIES = 10_000
 DEFAULT_BREAKER_INTERVAL = 1.0
 #: Entries one process keeps in its near cache unless configured.
 DEFAULT_NEAR_CACHE_MAX_ENTRIES = 10_000
+#: The most entries an in-process cache may keep: beyond, it would hold gigabytes.
+MAX_ENTRIES = 100_000_000
+#: The largest payload worth caching: Redis' largest string (Memcached's items are smaller).
+MAX_VALUE_BYTES = 512 * 1024 * 1024
+#: Fields whose value may hold a secret: an error shows them masked, or not at all.
+_SECRET_FIELDS = frozenset({"arguments", "url"})
 
 _PREFIX_PATTERN = re.compile(r"[!-~]*")  # printable ASCII, no space: valid in every backend key
 _ORIGINS = "origins"  # the validation context's key: origins of values that are not arguments
@@ -136,9 +144,7 @@ def _settings_error(
             return cause
         field_name = str(detail["loc"][0]) if detail["loc"] else "?"
         origin = origins.get(field_name, Origin(otherwise, field_name))
-        shown = repr(detail.get("input"))
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
+        shown = _shown_input(field_name, detail.get("input"))
         # our own checks raise ValueError: their text, without pydantic's "Value error, "
         message = str(cause) if isinstance(cause, ValueError) else detail["msg"]
         problems.append((origin.setting_name(field_name), f"{message} (got {shown})"))
@@ -148,7 +154,37 @@ def _settings_error(
     return SettingsError(setting, problem)
 
 
+def _shown_input(field_name: str, value: Any) -> str:
+    """What an error quotes of an invalid value: masked, shortened; never a secret."""
+    if field_name in _SECRET_FIELDS:
+        if isinstance(value, str) and "://" not in value:
+            return "text not shown: it may hold a secret"  # e.g. arguments' invalid JSON
+        if not isinstance(value, str | Mapping):  # a list's items have no names to mask by
+            return f"a {type(value).__name__}, not shown: it may hold a secret"
+    shown = repr(masked(value))
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
 _Config = TypeVar("_Config")
+
+
+_Result = TypeVar("_Result")
+_Value = TypeVar("_Value")
+
+
+def _raise_settings_error(
+    call: Callable[[], _Result], origins: Mapping[str, Origin], otherwise: OriginKind
+) -> _Result:
+    """``call()``, its ``ValidationError`` raised as a :class:`SettingsError`.
+
+    Raised after the ``except`` block, so the error has no ``__context__``: pydantic's error
+    quotes every input, a password among them.
+    """
+    try:
+        return call()
+    except ValidationError as error:
+        problem = _settings_error(error, origins, otherwise)
+    raise problem
 
 
 def _raising_settings_errors(cls: type[_Config]) -> type[_Config]:
@@ -161,10 +197,7 @@ def _raising_settings_errors(cls: type[_Config]) -> type[_Config]:
 
     @functools.wraps(validate)
     def __init__(self: _Config, *args: Any, **kwargs: Any) -> None:
-        try:
-            validate(self, *args, **kwargs)
-        except ValidationError as error:
-            raise _settings_error(error, {}, OriginKind.ARGUMENT) from None
+        _raise_settings_error(lambda: validate(self, *args, **kwargs), {}, OriginKind.ARGUMENT)
 
     setattr(cls, "__init__", __init__)  # noqa: B010 - mypy refuses to assign a method
     return cls
@@ -181,7 +214,7 @@ def _key_prefix(prefix: str) -> str:
 #: Marks a field no variable can set: a function has no text form.
 _ARGUMENT_ONLY = object()
 
-_AtLeastOne = Annotated[StrictInt, Field(ge=1)]
+_Entries = Annotated[StrictInt, Field(ge=1, le=MAX_ENTRIES)]
 
 #: What ``scope`` holds once validated: a function of the session, or nothing.
 ScopeFunction = Callable[[Any], "str | None"]
@@ -248,7 +281,7 @@ class CacheConfig:
     """
 
     backend: Annotated[StrictStr, Field(min_length=1)] = DEFAULT_BACKEND
-    expiration_time: Annotated[StrictInt, Field(gt=0)] = DEFAULT_EXPIRATION_TIME
+    expiration_time: Annotated[StrictInt, Field(gt=0, le=MAX_EXPIRY)] = DEFAULT_EXPIRATION_TIME
     arguments: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     key_prefix: Annotated[StrictStr, AfterValidator(_key_prefix)] = DEFAULT_KEY_PREFIX
     enabled: StrictBool = True
@@ -256,11 +289,13 @@ class CacheConfig:
     deserializer: Annotated[Callable[[bytes], Any] | None, _ARGUMENT_ONLY] = None
     url: StrictStr | None = None
     models: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
-    memory_max_entries: _AtLeastOne = DEFAULT_MEMORY_MAX_ENTRIES
-    max_value_bytes: _AtLeastOne = DEFAULT_MAX_VALUE_BYTES
-    breaker_interval: Annotated[StrictFloat, Field(ge=0)] = DEFAULT_BREAKER_INTERVAL
+    memory_max_entries: _Entries = DEFAULT_MEMORY_MAX_ENTRIES
+    max_value_bytes: Annotated[StrictInt, Field(ge=1, le=MAX_VALUE_BYTES)] = DEFAULT_MAX_VALUE_BYTES
+    breaker_interval: Annotated[StrictFloat, Field(ge=0, le=MAX_WAIT, allow_inf_nan=False)] = (
+        DEFAULT_BREAKER_INTERVAL
+    )
     near_cache: StrictBool = False
-    near_cache_max_entries: _AtLeastOne = DEFAULT_NEAR_CACHE_MAX_ENTRIES
+    near_cache_max_entries: _Entries = DEFAULT_NEAR_CACHE_MAX_ENTRIES
     scope: Annotated[Any, AfterValidator(_scope_function)] = None
     origins: Mapping[str, Origin] = dataclasses.field(
         init=False, default_factory=dict, repr=False, compare=False
@@ -312,7 +347,7 @@ class CacheConfig:
             if origins["arguments"].kind is OriginKind.DEFAULT:
                 origins["arguments"] = url_origin
         object.__setattr__(self, "backend", backends.canonical_name(backend))
-        object.__setattr__(self, "arguments", MappingProxyType(arguments))
+        object.__setattr__(self, "arguments", MappingProxyType(self._checked(arguments)))
         object.__setattr__(
             self,
             "models",
@@ -332,10 +367,7 @@ class CacheConfig:
         url, backend_origin = self.origins["url"], self.origins["backend"]
         if self.url is None or backend_origin == url:
             return backend, arguments, None
-        try:
-            url_backend, url_arguments = backends.parse_url(self.url)
-        except ValueError as error:
-            raise SettingsError(self.setting_name("url"), str(error)) from None
+        url_backend, url_arguments = self._reporting(backends.parse_url, "url", self.url)
         contradicts = backends.canonical_name(backend) != backends.canonical_name(url_backend)
         if contradicts and url.kind == backend_origin.kind:
             raise SettingsError(
@@ -346,6 +378,33 @@ class CacheConfig:
         if url.kind < backend_origin.kind:
             return backend, arguments, None
         return url_backend, {**url_arguments, **arguments}, url
+
+    def _checked(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The arguments, each name and value checked against what the backend reads."""
+        return self._reporting(
+            functools.partial(backends.check_arguments, self.backend), "arguments", arguments
+        )
+
+    def _reporting(self, check: Callable[[_Value], _Result], field: str, value: _Value) -> _Result:
+        """``check(value)``, its ``ValueError`` raised as a SettingsError naming ``field``.
+
+        Raised after the ``except`` block, so the error has no ``__context__`` (which could
+        quote a secret the message leaves out).
+        """
+        try:
+            return check(value)
+        except ValueError as error:
+            problem = SettingsError(self.setting_name(field), str(error))
+        raise problem
+
+    def __repr__(self) -> str:
+        """Every field, with the URL's password and secret arguments masked."""
+        shown = ", ".join(
+            f"{item.name}={masked(getattr(self, item.name), item.name)!r}"
+            for item in dataclasses.fields(self)
+            if item.repr
+        )
+        return f"{type(self).__name__}({shown})"
 
     def _check_near_cache(self) -> None:
         """Refuse a near cache the backend cannot keep coherent, at start-up, not per read."""
@@ -412,10 +471,7 @@ class CacheConfig:
             SettingsError: a variable is invalid; the message names it.
             TypeError: an override names no setting.
         """
-        try:
-            settings = CacheSettings()
-        except ValidationError as error:
-            raise _settings_error(error, {}, OriginKind.ENVIRONMENT) from None
+        settings = _raise_settings_error(CacheSettings, {}, OriginKind.ENVIRONMENT)
         found = settings.model_fields_set.difference(overrides)
         values = {name: getattr(settings, name) for name in found}
         origins = {name: Origin(OriginKind.ENVIRONMENT, name) for name in found}
@@ -432,10 +488,11 @@ class CacheConfig:
     @classmethod
     def _validated(cls, values: Mapping[str, Any], origins: Mapping[str, Origin]) -> Self:
         """Validate ``values``; ``origins`` tells where those that are not arguments came from."""
-        try:
-            return TypeAdapter(cls).validate_python(values, context={_ORIGINS: origins})
-        except ValidationError as error:
-            raise _settings_error(error, origins, OriginKind.ARGUMENT) from None
+        return _raise_settings_error(
+            lambda: TypeAdapter(cls).validate_python(values, context={_ORIGINS: origins}),
+            origins,
+            OriginKind.ARGUMENT,
+        )
 
 
 class _Environment(BaseSettings):

@@ -18,6 +18,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from declcache._secrets import mask_url, redact, secrets_in
 from declcache.backends._base import Backend, BackendSettings
 from declcache.backends._generic import Generic
 
@@ -29,6 +30,7 @@ __all__ = [
     "BackendSettings",
     "backend_class",
     "canonical_name",
+    "check_arguments",
     "open_backend",
     "parse_url",
     "register_backend",
@@ -122,15 +124,38 @@ def open_backend(name: str, arguments: Mapping[str, Any], settings: BackendSetti
     return backend_class(name)(canonical_name(name), arguments, settings)
 
 
+def check_arguments(name: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """``arguments`` of backend ``name``, each name and value checked against what it reads.
+
+    Raises:
+        ValueError: an argument the backend does not read (with a did-you-mean), or a value
+            of the wrong kind or out of bounds; the message never quotes a secret.
+    """
+    return backend_class(name).check_arguments(arguments)
+
+
+def _parsed(url: str) -> tuple[str, dict[str, Any]] | str:
+    """What :func:`parse_url` returns, or the problem (returned, so no exception keeps ``url``)."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    for registration in _registrations:
+        if scheme in registration.schemes:
+            try:
+                return registration.names[0], _load(registration).parse_url(url)
+            except ValueError as error:
+                return str(error)
+    known = ", ".join(f"{scheme}://" for found in _registrations for scheme in found.schemes)
+    return f"unknown scheme in {mask_url(url)!r}; expected one of {known}"
+
+
 def parse_url(url: str) -> tuple[str, dict[str, Any]]:
     """``(backend name, arguments)`` a cache URL means.
 
     Raises:
-        ValueError: the URL has an unknown scheme or is malformed; the message says how.
+        ValueError: the URL has an unknown scheme or is malformed; the message says how,
+            with the URL's password masked and without its exception chain (which would
+            quote the URL).
     """
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
-    for registration in _registrations:
-        if scheme in registration.schemes:
-            return registration.names[0], _load(registration).parse_url(url)
-    known = ", ".join(f"{scheme}://" for found in _registrations for scheme in found.schemes)
-    raise ValueError(f"unknown scheme in {url!r}; expected one of {known}")
+    parsed = _parsed(url)
+    if isinstance(parsed, str):
+        raise ValueError(redact(parsed, secrets_in(url)))
+    return parsed

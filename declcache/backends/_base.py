@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from urllib.parse import parse_qsl
+
+from declcache.backends import _arguments
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +24,7 @@ if TYPE_CHECKING:
     from dogpile.cache.region import CacheRegion
 
     from declcache._api import AsyncStore, Store, Swap, Write
+    from declcache.backends._arguments import Options
 
 __all__ = [
     "DEFAULT_LOCK_TIMEOUT",
@@ -66,6 +70,12 @@ class Backend:
     near_cache: ClassVar[bool] = False
     #: Whether what is written can be read back (the null backend keeps nothing).
     keeps_values: ClassVar[bool] = True
+    #: The arguments its dogpile backend reads, each with its kind (see
+    #: :mod:`~declcache.backends._arguments`); ``None``: whatever it is given (a plugin).
+    accepted: ClassVar[Options | None] = None
+    #: ``(mapping, names)``: arguments its client reads that dogpile passes through that
+    #: mapping (Redis' ``connection_kwargs``); given at the top level, they are moved there.
+    client_arguments: ClassVar[tuple[str, Options] | None] = None
 
     def __init__(self, name: str, arguments: Mapping[str, Any], settings: BackendSettings) -> None:
         self.name = name
@@ -83,6 +93,31 @@ class Backend:
             ValueError: the URL is malformed; the message says how.
         """
         raise ValueError(f"{cls.__name__} has no URL form: {url!r}")
+
+    @classmethod
+    def check_arguments(cls, arguments: Mapping[str, Any], *, text: bool = False) -> dict[str, Any]:
+        """``arguments`` checked: each name against :attr:`accepted`, each value against its kind.
+
+        ``text``: they are a URL's query options, each converted from text by its kind.
+
+        Raises:
+            ValueError: an unknown name (with a did-you-mean) or a bad value; the message
+                names it and never quotes a secret.
+        """
+        if cls.accepted is None:
+            return dict(arguments)
+        return _arguments.checked(
+            arguments, cls.accepted, text=text, passed_on=cls.client_arguments
+        )
+
+    @classmethod
+    def query_options(cls, query: str) -> dict[str, Any]:
+        """A URL's query options as checked arguments: ``?socket_timeout=0.2`` → ``0.2``.
+
+        Raises:
+            ValueError: an option the backend does not read, or a value of the wrong kind.
+        """
+        return cls.check_arguments(dict(parse_qsl(query, keep_blank_values=True)), text=True)
 
     @staticmethod
     def server_ttl(ttl: int) -> int:

@@ -1,35 +1,17 @@
-"""Pieces of cache URLs that several families read alike: hosts, node lists, credentials, options.
+"""Pieces of cache URLs that several families read alike: hosts, node lists, credentials.
 
 Pure text handling: nothing is connected here. Each family's ``parse_url`` puts them together
-for its own scheme.
+for its own scheme; its query options are read by ``Backend.query_options``.
+No message here quotes the credentials: :func:`credentials` is split off before anything
+else is read.
 """
 
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import unquote
 
-__all__ = ["coerce", "credentials", "host_port", "nodes", "options", "whole_number"]
-
-
-def coerce(text: str) -> Any:
-    """Give a query-string value its obvious Python type (bool, int, float or str)."""
-    lowered = text.lower()
-    if lowered in {"true", "yes", "on"}:
-        return True
-    if lowered in {"false", "no", "off"}:
-        return False
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def options(query: str) -> dict[str, Any]:
-    """Query-string options as backend arguments: ``?distributed_lock=true`` → ``True``."""
-    return {key: coerce(value) for key, value in parse_qsl(query)}
+__all__ = ["credentials", "host_port", "nodes", "whole_number"]
 
 
 def whole_number(text: str, what: str, example: str) -> int:

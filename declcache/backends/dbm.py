@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 from declcache._private_apis import dbm_opener
+from declcache.backends._arguments import ANY, TEXT
 from declcache.backends._base import Backend
 
 if TYPE_CHECKING:
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from dogpile.cache.region import CacheRegion
 
     from declcache._api import Swap, Write
+    from declcache.backends._arguments import Options
 
 __all__ = ["Dbm", "DbmStore"]
 
@@ -74,6 +76,14 @@ class DbmStore:
 
 class Dbm(Backend):
     """``dogpile.cache.dbm``: file I/O, so async callers use a worker thread."""
+
+    #: What dogpile's ``DBMBackend.__init__`` reads (a lock file name, or False for none).
+    accepted: ClassVar[Options] = {
+        "dogpile_lockfile": ANY,
+        "filename": TEXT,
+        "lock_factory": ANY,
+        "rw_lockfile": ANY,
+    }
 
     @classmethod
     def parse_url(cls, url: str) -> dict[str, Any]:

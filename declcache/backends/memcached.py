@@ -3,14 +3,29 @@
 dogpile's pymemcache backend passes no socket timeouts on, so declcache configures its own
 subclass (:mod:`declcache.backends._pymemcache`) instead. Every value is bytes declcache encoded
 itself: the client gets a bytes-only serde, which never unpickles a foreign value.
+
+Memcached reads an expiry above 30 days as a Unix time, so a model ttl (or a token's ten ttls)
+of more than 30 days, passed on as seconds, would be a date in 1970: the server would drop
+every write at once and the model would never hit. :func:`memcached_expiry` turns such an
+expiry into the absolute time it means, and every write goes through it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import time
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlsplit
 
 from declcache.backends import _urls
+from declcache.backends._arguments import (
+    ANY,
+    EXPIRY,
+    FLAG,
+    NODES,
+    TEXT,
+    Seconds,
+    Whole,
+)
 from declcache.backends._base import Backend
 from declcache.backends._generic import Generic
 
@@ -20,13 +35,41 @@ if TYPE_CHECKING:
     from dogpile.cache.region import CacheRegion
 
     from declcache._api import Swap, Write
+    from declcache.backends._arguments import Options
 
-__all__ = ["BMemcached", "BytesOnlySerde", "MemcachedStore", "PyMemcache"]
+__all__ = ["BMemcached", "BytesOnlySerde", "MemcachedStore", "PyMemcache", "memcached_expiry"]
 
 #: The plugin name of :mod:`declcache.backends._pymemcache`'s backend.
 PYMEMCACHE_WITH_TIMEOUTS = "declcache.pymemcache"
 #: Seconds a Memcached node taken out of the ring stays out before it is tried again.
 DEFAULT_MEMCACHED_DEAD_TIMEOUT = 10
+#: The longest expiry Memcached reads as seconds from now; a larger one is a Unix time.
+RELATIVE_EXPIRY_LIMIT = 30 * 86_400
+#: The latest Unix time Memcached takes as an expiry: its text protocol reads a 32-bit number.
+LATEST_EXPIRY = 2**31 - 1
+
+#: What both dogpile Memcached backends read.
+_COMMON: Options = {
+    "distributed_lock": FLAG,
+    # dogpile's lock is a Memcached ``add`` with this expiry: whole seconds, 0 for none
+    "lock_timeout": Whole(0, RELATIVE_EXPIRY_LIMIT),
+    "memcached_expire_time": EXPIRY,
+    "tls_context": ANY,
+    "url": NODES,
+}
+
+
+def memcached_expiry(ttl: int, now: float | None = None) -> int:
+    """The expiry Memcached must be sent for a key to live ``ttl`` seconds.
+
+    Up to 30 days it is ``ttl`` itself; beyond, the Unix time ``ttl`` seconds from ``now``
+    (this host's clock; a skew of seconds against the server's does not matter at 30 days),
+    at most :data:`LATEST_EXPIRY`. declcache checks every entry's age against its ttl itself,
+    so the server's expiry only has to be no earlier than that.
+    """
+    if ttl <= RELATIVE_EXPIRY_LIMIT:
+        return ttl
+    return min(int(time.time() if now is None else now) + ttl, LATEST_EXPIRY)
 
 
 class BytesOnlySerde:
@@ -81,11 +124,12 @@ class MemcachedStore:
             batches.setdefault(ttl, {})[key] = value
         client = self._backend.client
         for ttl, batch in batches.items():
-            self._set_many(client, batch, ttl)
+            self._set_many(client, batch, memcached_expiry(ttl))
 
     def add(self, key: str, value: bytes, ttl: int) -> bool:
         """Memcached ``add``."""
-        return bool(self._backend.client.add(key, value, expire=ttl, noreply=False))
+        expire = memcached_expiry(ttl)
+        return bool(self._backend.client.add(key, value, expire=expire, noreply=False))
 
     def compare_and_set(self, swaps: Sequence[Swap], ttl: int) -> list[bool]:
         """``add`` where the reader saw nothing, else ``gets`` then ``cas``.
@@ -94,6 +138,7 @@ class MemcachedStore:
         must also still be the one the reader saw before it queried the database.
         """
         client = self._backend.client
+        ttl = memcached_expiry(ttl)
         results = []
         for key, expected, new in swaps:
             if expected is None:
@@ -111,19 +156,47 @@ class MemcachedStore:
 
 
 def _memcached_arguments(arguments: dict[str, Any], ttl: int) -> dict[str, Any]:
-    arguments.setdefault("memcached_expire_time", Backend.server_ttl(ttl))
+    """The server expiry of what dogpile writes itself, fixed when the region is configured.
+
+    It cannot be an absolute time then, so it stops at 30 days; declcache's own writes go
+    through :func:`memcached_expiry` instead.
+    """
+    arguments.setdefault(
+        "memcached_expire_time", min(Backend.server_ttl(ttl), RELATIVE_EXPIRY_LIMIT)
+    )
     return arguments
 
 
 class PyMemcache(Backend):
     """``dogpile.cache.pymemcache``: declcache's subclass of it, with socket timeouts."""
 
+    #: dogpile's ``PyMemcacheBackend.__init__`` reads these; declcache's subclass adds the
+    #: two timeouts.
+    accepted: ClassVar[Options] = {
+        **_COMMON,
+        "connect_timeout": Seconds(),
+        "default_noreply": FLAG,
+        "do_not_retry_for": ANY,
+        "enable_retry_client": FLAG,
+        "hashclient_dead_timeout": Seconds(zero_allowed=True),
+        "hashclient_retry_attempts": Whole(0, 100),
+        "hashclient_retry_timeout": Seconds(zero_allowed=True),
+        "retry_attempts": Whole(1, 100),
+        "retry_delay": Seconds(zero_allowed=True),
+        "retry_for": ANY,
+        "serde": ANY,
+        "socket_keepalive": ANY,
+        "timeout": Seconds(),
+    }
+
     @classmethod
     def parse_url(cls, url: str) -> dict[str, Any]:
         """``memcached://host:port[,host:port][?option=value]``."""
         netloc = url.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
+        if "@" in netloc:
+            raise ValueError("a memcached:// URL has no user or password: pymemcache has no login")
         nodes = _urls.nodes(netloc, 11211, "memcached://host:port[,host:port]")
-        return {"url": nodes, **_urls.options(urlsplit(url).query)}
+        return {"url": nodes, **cls.query_options(urlsplit(url).query)}
 
     def plugin(self) -> str:
         """Registers and names declcache's backend with timeouts."""
@@ -150,6 +223,8 @@ class PyMemcache(Backend):
 
 class BMemcached(Generic):
     """``dogpile.cache.bmemcached``: server expiry only; no atomic steps declcache can use."""
+
+    accepted: ClassVar[Options] = {**_COMMON, "username": TEXT, "password": TEXT}
 
     def region_arguments(self, ttl: int, first: CacheRegion | None) -> dict[str, Any]:
         """Every key expires on the server too."""

@@ -9,11 +9,12 @@ name a ``cache_dict`` of their own), shared by every model of one manager.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import cachetools
 
 from declcache._private_apis import cache_items, lru_order
+from declcache.backends._arguments import ANY
 from declcache.backends._base import Backend
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from dogpile.cache.region import CacheRegion
 
     from declcache._api import Swap, Write
+    from declcache.backends._arguments import Options
     from declcache.backends._base import BackendSettings
 
 __all__ = ["BoundedDict", "Memory", "MemoryStore"]
@@ -171,6 +173,7 @@ class Memory(Backend):
     """``dogpile.cache.memory``: per process, never blocks."""
 
     blocking = False
+    accepted: ClassVar[Options] = {"cache_dict": ANY}  # dogpile's MemoryBackend reads nothing else
 
     def __init__(self, name: str, arguments: Any, settings: BackendSettings) -> None:
         super().__init__(name, arguments, settings)

@@ -20,7 +20,18 @@ import weakref
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
+from declcache._secrets import mask_url
 from declcache.backends import _urls
+from declcache.backends._arguments import (
+    ANY,
+    EXPIRY,
+    FLAG,
+    MAX_EXPIRY,
+    TEXT,
+    Seconds,
+    Whole,
+    client_kwargs,
+)
 from declcache.backends._base import Backend
 
 if TYPE_CHECKING:
@@ -30,6 +41,7 @@ if TYPE_CHECKING:
     from dogpile.cache.region import CacheRegion
 
     from declcache._api import AsyncStore, Store, Swap, Write
+    from declcache.backends._arguments import Options
 
 __all__ = [
     "AsyncRedisStore",
@@ -42,6 +54,71 @@ __all__ = [
 
 #: Socket timeouts unless configured: a dead cache must cost milliseconds, not minutes.
 DEFAULT_REDIS_TIMEOUT = 0.5
+
+#: What redis-py's connections read that declcache checks when it is given, in
+#: ``connection_kwargs`` or (moved there) at the top level or in a URL's query. Any other name
+#: in ``connection_kwargs`` is passed to the client unchecked, as dogpile does.
+CLIENT_ARGUMENTS: Options = {
+    "client_name": TEXT,
+    "health_check_interval": Seconds(zero_allowed=True),
+    "max_connections": Whole(1, 1_000_000),
+    "password": TEXT,
+    "protocol": Whole(2, 3),
+    "retry_on_timeout": FLAG,
+    "socket_connect_timeout": Seconds(),
+    "socket_timeout": Seconds(),
+    "ssl_ca_certs": TEXT,
+    "ssl_ca_data": TEXT,
+    "ssl_ca_path": TEXT,
+    "ssl_cert_reqs": TEXT,
+    "ssl_certfile": TEXT,
+    "ssl_check_hostname": FLAG,
+    "ssl_ciphers": TEXT,
+    "ssl_keyfile": TEXT,
+    "ssl_password": TEXT,
+    "username": TEXT,
+}
+
+
+def redis_arguments(expiration_argument: str, **family: Any) -> Options:
+    """What dogpile's ``RedisBackend.__init__`` reads (plus ``family``'s own names).
+
+    ``expiration_argument`` is the server-expiry name: ``redis_expiration_time`` or Valkey's.
+    """
+    return {
+        "connection_kwargs": client_kwargs(CLIENT_ARGUMENTS),
+        "connection_pool": ANY,
+        "db": Whole(0, 2**31 - 1),
+        "distributed_lock": FLAG,
+        "host": TEXT,
+        "lock_blocking": FLAG,
+        "lock_blocking_timeout": Seconds(zero_allowed=True),
+        "lock_prefix": TEXT,
+        "lock_sleep": Seconds(),
+        "lock_timeout": Seconds(),
+        "password": TEXT,
+        "port": Whole(1, 65535),
+        "socket_connect_timeout": Seconds(),
+        "socket_keepalive": FLAG,
+        "socket_keepalive_options": ANY,
+        "socket_timeout": Seconds(),
+        "ssl": FLAG,
+        "thread_local_lock": FLAG,
+        "url": TEXT,
+        "username": TEXT,
+        expiration_argument: EXPIRY,
+        **family,
+    }
+
+
+def _expiry(ttl: int) -> int:
+    """A key's expiry as the server takes it: at most :data:`MAX_EXPIRY` (ten years).
+
+    A model's ttl is checked at start-up, but a token lives ten ttls; Redis refuses an
+    expiry whose milliseconds overflow, and would then refuse every write of the model.
+    """
+    return min(ttl, MAX_EXPIRY)
+
 
 _COMPARE_AND_SET = """
 local results = {}
@@ -65,7 +142,7 @@ def _script_call(swaps: Sequence[Swap], ttl: int) -> dict[str, Any]:
     args: list[bytes | int] = []
     for _, expected, new in swaps:
         args += [expected if expected is not None else b"", new]
-    args.append(ttl)
+    args.append(_expiry(ttl))
     return {"keys": [key for key, _, _ in swaps], "args": args}
 
 
@@ -88,12 +165,12 @@ class RedisStore:
         """
         pipe = self._client.pipeline(transaction=False)
         for key, value, ttl in entries:
-            pipe.set(key, value, ex=ttl)
+            pipe.set(key, value, ex=_expiry(ttl))
         pipe.execute()
 
     def add(self, key: str, value: bytes, ttl: int) -> bool:
         """``SET key value NX EX ttl``."""
-        return bool(self._client.set(key, value, nx=True, ex=ttl))
+        return bool(self._client.set(key, value, nx=True, ex=_expiry(ttl)))
 
     def compare_and_set(self, swaps: Sequence[Swap], ttl: int) -> list[bool]:
         """One script call for every swap."""
@@ -174,12 +251,12 @@ class AsyncRedisStore:
         """``SET EX`` for every entry in one non-transactional pipeline."""
         pipe = self._client()[0].pipeline(transaction=False)
         for key, value, ttl in entries:
-            pipe.set(key, value, ex=ttl)
+            pipe.set(key, value, ex=_expiry(ttl))
         await pipe.execute()
 
     async def add(self, key: str, value: bytes, ttl: int) -> bool:
         """``SET key value NX EX ttl``."""
-        return bool(await self._client()[0].set(key, value, nx=True, ex=ttl))
+        return bool(await self._client()[0].set(key, value, nx=True, ex=_expiry(ttl)))
 
     async def compare_and_set(self, swaps: Sequence[Swap], ttl: int) -> list[bool]:
         """One script call for every swap."""
@@ -273,6 +350,8 @@ class Redis(Backend):
     expiration_argument: ClassVar[str] = "redis_expiration_time"
     #: The URL scheme that means TLS.
     tls_scheme: ClassVar[str] = "rediss"
+    accepted = redis_arguments("redis_expiration_time")
+    client_arguments = ("connection_kwargs", CLIENT_ARGUMENTS)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -283,7 +362,7 @@ class Redis(Backend):
         """``redis://[user:password@]host[:port][/db][?option=value]``; ``rediss://`` is TLS."""
         parts = urlsplit(url)
         if not parts.hostname:
-            raise ValueError(f"no host in {url!r}")
+            raise ValueError(f"no host in {mask_url(url)!r}")
         arguments: dict[str, Any] = {"host": parts.hostname, "port": parts.port or 6379}
         db_text = parts.path.strip("/")
         if db_text:
@@ -294,7 +373,7 @@ class Redis(Backend):
             arguments["password"] = unquote(parts.password)
         if parts.scheme.lower() == cls.tls_scheme:
             arguments["ssl"] = True
-        return {**arguments, **_urls.options(parts.query)}
+        return {**arguments, **cls.query_options(parts.query)}
 
     def _module(self, name: str = "") -> ModuleType:
         return importlib.import_module(f"{self.client}.{name}" if name else self.client)
@@ -313,7 +392,7 @@ class Redis(Backend):
     def region_arguments(self, ttl: int, first: CacheRegion | None) -> dict[str, Any]:
         """Timeouts, no retries, server expiry; the first region's pool for the next ones."""
         result = super().region_arguments(ttl, first)
-        result.setdefault(self.expiration_argument, self.server_ttl(ttl))
+        result.setdefault(self.expiration_argument, _expiry(self.server_ttl(ttl)))
         result.setdefault("socket_timeout", DEFAULT_REDIS_TIMEOUT)
         result.setdefault("socket_connect_timeout", DEFAULT_REDIS_TIMEOUT)
         result["connection_kwargs"] = self._without_retries(result.get("connection_kwargs", {}))
@@ -406,6 +485,7 @@ class RedisCluster(Redis):
     near_cache = False
     shares_pool = False
     native_async = False
+    accepted = redis_arguments("redis_expiration_time", startup_nodes=ANY)
 
     @classmethod
     def parse_url(cls, url: str) -> dict[str, Any]:
@@ -415,7 +495,7 @@ class RedisCluster(Redis):
         netloc, arguments = _urls.credentials(netloc.split("/", 1)[0])
         example = "redis+cluster://host:port[,host:port]"
         arguments["startup_nodes"] = _urls.nodes(netloc, 6379, example)
-        return {**arguments, **_urls.options(query)}
+        return {**arguments, **cls.query_options(query)}
 
     def region_arguments(self, ttl: int, first: CacheRegion | None) -> dict[str, Any]:
         """Startup nodes as ``ClusterNode`` objects; timeouts where the cluster client reads them.
@@ -453,6 +533,12 @@ class RedisSentinel(Redis):
     near_cache = False
     shares_pool = False
     native_async = False
+    accepted = redis_arguments(
+        "redis_expiration_time",
+        sentinels=ANY,
+        service_name=TEXT,
+        sentinel_kwargs=client_kwargs(CLIENT_ARGUMENTS),
+    )
 
     @classmethod
     def parse_url(cls, url: str) -> dict[str, Any]:
@@ -465,11 +551,11 @@ class RedisSentinel(Redis):
         arguments["sentinels"] = _urls.nodes(netloc, 26379, example)
         service, _, db_text = path.strip("/").partition("/")
         if not service:
-            raise ValueError(f"no service name in {url!r}; expected {example}")
+            raise ValueError(f"no service name in {mask_url(url)!r}; expected {example}")
         arguments["service_name"] = unquote(service)
         if db_text:
             arguments["db"] = _urls.whole_number(db_text, "database", example)
-        return {**arguments, **_urls.options(query)}
+        return {**arguments, **cls.query_options(query)}
 
     def region_arguments(self, ttl: int, first: CacheRegion | None) -> dict[str, Any]:
         """Sentinels as ``(host, port)`` pairs, asked with the same short timeouts."""

@@ -9,12 +9,26 @@ tested on redis-py only).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from declcache.backends.redis import Redis, RedisCluster, RedisSentinel
+
+if TYPE_CHECKING:
+    from declcache.backends._arguments import Options
 
 __all__ = ["Valkey", "ValkeyCluster", "ValkeySentinel"]
 
 #: The plugin name of :mod:`declcache.backends._valkey_cluster`'s backend.
 PLUGIN = "declcache.valkey_cluster"
+
+
+def _on_valkey(accepted: Options | None) -> Options:
+    """A Redis class's arguments with dogpile's Valkey name for the server expiry."""
+    assert accepted is not None  # every Redis class declares its arguments
+    return {
+        "valkey_expiration_time" if name == "redis_expiration_time" else name: kind
+        for name, kind in accepted.items()
+    }
 
 
 class _OnValkey:
@@ -29,6 +43,8 @@ class _OnValkey:
 class Valkey(_OnValkey, Redis):
     """``dogpile.cache.valkey``: one Valkey server; ``valkey://`` and ``valkeys://`` URLs."""
 
+    accepted = _on_valkey(Redis.accepted)
+
 
 class ValkeyCluster(_OnValkey, RedisCluster):
     """``dogpile.cache.valkey_cluster``: ``valkey+cluster://host:port[,host:port]``.
@@ -36,6 +52,8 @@ class ValkeyCluster(_OnValkey, RedisCluster):
     Configured as declcache's subclass of dogpile's backend, which fails to start as shipped
     (see :mod:`declcache.backends._valkey_cluster`).
     """
+
+    accepted = _on_valkey(RedisCluster.accepted)
 
     def plugin(self) -> str:
         """Registers and names the subclass."""
@@ -49,3 +67,5 @@ class ValkeyCluster(_OnValkey, RedisCluster):
 
 class ValkeySentinel(_OnValkey, RedisSentinel):
     """``dogpile.cache.valkey_sentinel``: ``valkey+sentinel://host:port[,…]/service[/db]``."""
+
+    accepted = _on_valkey(RedisSentinel.accepted)

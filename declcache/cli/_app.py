@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Annotated, Any
 
 try:
@@ -15,11 +14,12 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
     ) from None
 
 from declcache import __version__
+from declcache._secrets import masked, redact, secrets_in
 from declcache.exceptions import ConfigurationError
 from declcache.settings import CacheConfig
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
 __all__ = [
     "EXIT_UNREACHABLE",
@@ -30,6 +30,7 @@ __all__ = [
     "fail",
     "main",
     "new_console",
+    "secrets_of",
 ]
 
 #: Exit code when the backend cannot be reached or refuses an operation.
@@ -55,10 +56,20 @@ def new_console(*, stderr: bool = False) -> Console:
     return console
 
 
-def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    """Print ``message`` on stderr and return the exit to raise."""
-    new_console(stderr=True).print(f"[bold red]error:[/bold red] {escape(message)}", markup=True)
+def fail(message: str, code: int = EXIT_USAGE, secrets: Iterable[str] = ()) -> typer.Exit:
+    """Print ``message`` on stderr and return the exit to raise.
+
+    The message is redacted first: every one of ``secrets`` (see :func:`secrets_of`) and
+    every URL's password masked, since it may quote a client's error or a value the user gave.
+    """
+    shown = escape(redact(message, secrets))
+    new_console(stderr=True).print(f"[bold red]error:[/bold red] {shown}", markup=True)
     return typer.Exit(code)
+
+
+def secrets_of(config: CacheConfig) -> set[str]:
+    """The secrets ``config`` holds (its URL's password, secret arguments), to redact."""
+    return secrets_in(config.arguments) | (secrets_in(config.url) if config.url else set())
 
 
 def config_from_env() -> CacheConfig:
@@ -69,16 +80,24 @@ def config_from_env() -> CacheConfig:
         raise fail(str(error)) from None
 
 
-def _redacted(value: str) -> str:
-    return re.sub(r"://[^@/]*@", "://***@", value)
+#: The arguments that say where a backend is (and as whom), in the order they are shown.
+_TARGET_ARGUMENTS = (
+    "url",
+    "startup_nodes",
+    "host",
+    "port",
+    "db",
+    "filename",
+    "sentinels",
+    "service_name",
+    "username",
+)
 
 
 def describe_target(config: CacheConfig) -> str:
-    """Where the backend is, without passwords."""
-    shown = []
-    for name in ("url", "host", "port", "db", "filename", "sentinels", "service_name"):
-        if name in config.arguments:
-            shown.append(f"{name}={_redacted(str(config.arguments[name]))}")
+    """Where the backend is and as whom, passwords masked."""
+    arguments = masked(config.arguments)
+    shown = [f"{name}={arguments[name]}" for name in _TARGET_ARGUMENTS if name in arguments]
     return ", ".join(shown) or "in this process"
 
 

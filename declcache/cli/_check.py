@@ -19,13 +19,17 @@ from declcache.cli._app import (
     describe_target,
     fail,
     new_console,
+    secrets_of,
 )
 from declcache.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from declcache.settings import CacheConfig
 
-__all__ = ["check", "probe_backend"]
+__all__ = ["check", "client_problem", "probe_backend"]
+
+#: What a client's error says when the server dropped a plain connection (a TLS port does).
+_DROPPED = ("closed by server", "connection reset", "error while reading", "timeout reading")
 
 
 def probe_backend(config: CacheConfig, rounds: int = 5) -> float:
@@ -55,6 +59,35 @@ def probe_backend(config: CacheConfig, rounds: int = 5) -> float:
     return statistics.median(timings)
 
 
+def client_problem(error: Exception, config: CacheConfig) -> str:
+    """What went wrong reaching the backend, in the user's terms, then the client's own words.
+
+    A refused login, an untrusted certificate and a key outside an ACL user's pattern each
+    name what to fix; anything else is "unreachable". The result may quote the client's
+    error: the caller redacts it.
+    """
+    said = f"{type(error).__name__}: {error}"
+    lowered = said.lower()
+    if type(error).__name__ == "NoPermissionError" or "noperm" in lowered:
+        return (
+            f"NOPERM: key prefix {config.key_prefix!r} outside the user's key pattern "
+            f"(set DECLCACHE_KEY_PREFIX inside it, or widen the ACL's ~pattern) ({said})"
+        )
+    if type(error).__name__ == "AuthenticationError" or "wrongpass" in lowered:
+        user = config.arguments.get("username") or "default"
+        return f"authentication failed for user {user!r}: check the password ({said})"
+    if "certificate verify failed" in lowered:
+        return (
+            "certificate verify failed: the server's certificate is not signed by a CA "
+            f"this client trusts (set ssl_ca_certs) ({said})"
+        )
+    problem = f"unreachable ({said})"
+    can_tls = "ssl" in (backends.backend_class(config.backend).accepted or {})  # Redis family
+    if can_tls and not config.arguments.get("ssl") and any(d in lowered for d in _DROPPED):
+        problem += "; a server that speaks TLS drops plain connections: use a rediss:// URL"
+    return problem
+
+
 @app.command()
 def check(
     rounds: Annotated[
@@ -76,22 +109,20 @@ def check(
         disabled_by = config.sources.get("enabled", "default")
         console.print(f"caching is disabled ({disabled_by})", markup=False)
         return
+    secrets = secrets_of(config)
     try:
         elapsed = probe_backend(config, rounds)
     except ConfigurationError as error:
-        raise fail(str(error)) from None
+        raise fail(str(error), secrets=secrets) from None
     except PluginNotFound:
         raise fail(
             f"{config.setting_name('backend')}: unknown dogpile backend {config.backend!r}"
         ) from None
     except ImportError as error:
-        raise fail(f"{config.backend} needs a client library: {error}") from None
-    except Exception as error:  # any client error means "unreachable"
-        raise fail(
-            f"{config.backend} is unreachable ({describe_target(config)}): "
-            f"{type(error).__name__}: {error}",
-            EXIT_UNREACHABLE,
-        ) from None
+        raise fail(f"{config.backend} needs a client library: {error}", secrets=secrets) from None
+    except Exception as error:  # a client error: the backend cannot be used as configured
+        problem = client_problem(error, config)
+        raise fail(f"{config.backend} ({target}): {problem}", EXIT_UNREACHABLE, secrets) from None
     console.print(f"ok: round trip {elapsed * 1000:.3f} ms (median of {rounds})", markup=False)
     if not backends.backend_class(config.backend).keeps_values:
         console.print(f"note: {config.backend} stores nothing: every read misses", markup=False)

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from declcache._manager import CacheManager
+from declcache._secrets import mask_url
 from declcache.cli._app import EXIT_UNREACHABLE, app, fail, new_console
 from declcache.cli._models import import_app_module
 from declcache.exceptions import ConfigurationError
@@ -50,7 +51,10 @@ def _manager_of(target: str) -> CacheManager:
 
 
 def _fetch_stats(url: str) -> dict[str, dict[str, int]]:
-    """Counters a running application serves as JSON: ``{model: {counter: value}}``."""
+    """Counters a running application serves as JSON: ``{model: {counter: value}}``.
+
+    An error shows ``url`` masked (:func:`~declcache.cli._app.fail` redacts every message).
+    """
     request = urllib.request.Request(url, headers={"Accept": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -101,7 +105,7 @@ def stats(
     if run_example == (target is not None):
         raise fail("pass either MODULE[:ATTRIBUTE], URL or --run-example")
     if target is not None and target.startswith(("http://", "https://")):
-        counters, origin = _fetch_stats(target), target
+        counters, origin = _fetch_stats(target), mask_url(target)
     else:
         manager = _manager_of(EXAMPLE_TARGET if run_example else str(target))
         counters = {name: stats.as_dict() for name, stats in manager.stats().items()}

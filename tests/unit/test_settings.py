@@ -68,11 +68,12 @@ def test_without_environment_every_value_is_the_documented_default() -> None:
         ("DECLCACHE_ENABLED", "true", "enabled", True),
         ("DECLCACHE_BACKEND", "dogpile.cache.redis", "backend", "dogpile.cache.redis"),
         ("DECLCACHE_BACKEND", "dogpile.cache.null", "backend", "dogpile.cache.null"),
+        # the memory backend (the default) reads cache_dict only: see test_every_variable_at_once
         (
             "DECLCACHE_ARGUMENTS",
-            '{"host": "cache.internal", "port": 6380, "db": 2, "distributed_lock": true}',
+            '{"cache_dict": {"k": [1]}}',
             "arguments",
-            {"host": "cache.internal", "port": 6380, "db": 2, "distributed_lock": True},
+            {"cache_dict": {"k": [1]}},
         ),
         ("DECLCACHE_EXPIRATION_TIME", "60", "expiration_time", 60),
         ("DECLCACHE_KEY_PREFIX", "myapp:v2:", "key_prefix", "myapp:v2:"),
@@ -244,7 +245,9 @@ def test_config_is_frozen() -> None:
 
 
 def test_config_mappings_cannot_be_changed_after_validation() -> None:
-    config = CacheConfig(arguments={"host": "a"}, models={"users": {"ttl": 5}})
+    config = CacheConfig(
+        backend="dogpile.cache.redis", arguments={"host": "a"}, models={"users": {"ttl": 5}}
+    )
 
     with pytest.raises(TypeError):
         config.arguments["host"] = "b"  # type: ignore[index]
@@ -798,3 +801,155 @@ def test_invalid_near_cache_argument_names_it(arguments: dict[str, Any], name: s
         CacheConfig(backend="dogpile.cache.redis", **arguments)
 
     assert settings_error(excinfo).startswith(f"{name}: ")
+
+
+# -- bounds of numeric settings ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "text", "says"),
+    [
+        ("DECLCACHE_BREAKER_INTERVAL", "inf", "finite"),
+        ("DECLCACHE_BREAKER_INTERVAL", "nan", "finite"),
+        ("DECLCACHE_BREAKER_INTERVAL", "-1", "greater than or equal to 0"),
+        ("DECLCACHE_BREAKER_INTERVAL", "3601", "less than or equal to 3600"),
+        ("DECLCACHE_EXPIRATION_TIME", str(10 * 365 * 86_400 + 1), "less than or equal to"),
+        ("DECLCACHE_MEMORY_MAX_ENTRIES", str(10**8 + 1), "less than or equal to"),
+        ("DECLCACHE_NEAR_CACHE_MAX_ENTRIES", "0", "greater than or equal to 1"),
+        ("DECLCACHE_MAX_VALUE_BYTES", str(2**29 + 1), "less than or equal to"),
+    ],
+)
+def test_numeric_variables_are_finite_and_bounded(
+    monkeypatch: pytest.MonkeyPatch, variable: str, text: str, says: str
+) -> None:
+    monkeypatch.setenv(variable, text)
+
+    with pytest.raises(SettingsError) as excinfo:
+        CacheConfig.from_env()
+
+    assert excinfo.value.setting == variable
+    assert says in settings_error(excinfo)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -0.5, 1e9])
+def test_breaker_interval_argument_is_finite_and_bounded(value: float) -> None:
+    with pytest.raises(SettingsError) as excinfo:
+        CacheConfig(breaker_interval=value)
+
+    assert excinfo.value.setting == "CacheConfig.breaker_interval"
+
+
+def test_bounds_accept_their_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DECLCACHE_BREAKER_INTERVAL", "3600")
+    monkeypatch.setenv("DECLCACHE_EXPIRATION_TIME", str(10 * 365 * 86_400))
+
+    config = CacheConfig.from_env()
+
+    assert (config.breaker_interval, config.expiration_time) == (3600.0, 315_360_000)
+
+
+# -- URL query options and backend arguments, checked against what the backend reads --------
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://h/0?socket_timeout=abc", "'socket_timeout': expected a number of seconds"),
+        ("redis://h/0?socket_timeout=inf", "non-finite"),
+        ("redis://h/0?socket_timeout=0", "above 0"),
+        ("redis://h/0?socket_timeout=7200", "at most 3600"),
+        ("redis://h/0?distributed_lok=true", "did you mean 'distributed_lock'?"),
+        ("redis://h/0?distributed_lock=perhaps", "expected true or false"),
+        ("redis://h/0?connection_pool=x", "cannot be set in a URL"),
+        ("redis+sentinel://h:26379/m?sentinel_kwargs=x", "cannot be set in a URL"),
+        ("memcached://h?timout=1", "did you mean 'timeout'?"),
+        ("memcached://h?hashclient_retry_attempts=1.5", "whole number"),
+        ("redis+cluster://h:7000?lock_timeout=-1", "above 0"),
+        ("valkey://h/0?redis_expiration_time=5", "did you mean 'valkey_expiration_time'?"),
+    ],
+)
+def test_bad_query_options_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, url: str, says: str
+) -> None:
+    monkeypatch.setenv("DECLCACHE_URL", url)
+
+    with pytest.raises(SettingsError) as excinfo:
+        CacheConfig.from_env()
+
+    assert excinfo.value.setting == "DECLCACHE_URL"
+    assert says in settings_error(excinfo)
+
+
+def test_query_options_are_converted_to_their_kinds() -> None:
+    config = CacheConfig(
+        url="redis://h/0?socket_timeout=0.2&distributed_lock=yes&lock_timeout=5"
+        "&client_name=7&ssl_ca_certs=/etc/ca.pem&health_check_interval=30"
+    )
+
+    assert dict(config.arguments) == {
+        "host": "h",
+        "port": 6379,
+        "db": 0,
+        "socket_timeout": 0.2,
+        "distributed_lock": True,
+        "lock_timeout": 5.0,
+        # what redis-py's connection reads goes where dogpile passes it on
+        "connection_kwargs": {
+            "client_name": "7",
+            "ssl_ca_certs": "/etc/ca.pem",
+            "health_check_interval": 30.0,
+        },
+    }
+
+
+def test_memcached_query_options_are_converted() -> None:
+    config = CacheConfig(url="memcached://h?hashclient_dead_timeout=1&hashclient_retry_attempts=0")
+
+    assert dict(config.arguments) == {
+        "url": ["h:11211"],
+        "hashclient_dead_timeout": 1.0,
+        "hashclient_retry_attempts": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("backend", "arguments", "says"),
+    [
+        ("dogpile.cache.redis", {"hots": "h"}, "did you mean 'host'?"),
+        ("dogpile.cache.redis", {"socket_timeout": "0.5"}, "got str"),
+        ("dogpile.cache.redis", {"port": 70000}, "at most 65535"),
+        ("dogpile.cache.redis", {"db": True}, "got bool"),
+        ("dogpile.cache.redis", {"connection_kwargs": {"socket_timeout": -1}}, "above 0"),
+        ("dogpile.cache.redis", {"connection_kwargs": []}, "client arguments"),
+        ("dogpile.cache.pymemcache", {"url": ["h:1"], "timeout": 0}, "above 0"),
+        ("dogpile.cache.pymemcache", {"url": ["h:1"], "memcached_expire_time": -1}, "at least 0"),
+        ("dogpile.cache.memory", {"max_entries": 5}, "reads cache_dict"),
+        ("dogpile.cache.dbm", {"filename": 5}, "expected text"),
+    ],
+)
+def test_bad_arguments_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, backend: str, arguments: dict[str, Any], says: str
+) -> None:
+    monkeypatch.setenv("DECLCACHE_BACKEND", backend)
+    monkeypatch.setenv("DECLCACHE_ARGUMENTS", json.dumps(arguments))
+
+    with pytest.raises(SettingsError) as excinfo:
+        CacheConfig.from_env()
+
+    assert excinfo.value.setting == "DECLCACHE_ARGUMENTS"
+    assert says in settings_error(excinfo)
+
+
+def test_unknown_client_arguments_pass_through_connection_kwargs() -> None:
+    """Names redis-py reads that declcache does not list still reach the client unchecked."""
+    arguments = {"connection_kwargs": {"ssl_min_version": 3, "decode_responses": False}}
+
+    config = CacheConfig(backend="dogpile.cache.redis", arguments=arguments)
+
+    assert dict(config.arguments) == arguments
+
+
+def test_a_plugin_backend_takes_any_argument() -> None:
+    config = CacheConfig(backend="someone.elses.backend", arguments={"anything": object})
+
+    assert config.arguments["anything"] is object

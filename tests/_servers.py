@@ -19,6 +19,12 @@ package): it speaks the same protocol, which is all the ``valkey`` client needs.
 PostgreSQL tests always get a fresh database of their own, dropped at exit. A server that
 cannot be had skips the test locally and fails it under ``CI=true`` (see :func:`unavailable`).
 Everything this module starts or creates is stopped or dropped when the process exits.
+
+TLS with ACL users has no shared server: :func:`make_certificates` makes a throwaway CA and a
+server certificate with ``openssl``, and :class:`TlsRedisProcess` runs a private
+``redis-server`` that listens on its TLS port only, with the ``default`` user behind a
+password of its own. A missing ``openssl``, or a ``redis-server`` built without TLS, skips
+locally and fails under ``CI=true`` like a missing server.
 """
 
 from __future__ import annotations
@@ -31,15 +37,18 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
-from typing import IO, TYPE_CHECKING, ClassVar, NoReturn, Self
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any, ClassVar, NoReturn, Self
 
 import pytest
 
 if TYPE_CHECKING:
+    from pathlib import Path
     from types import TracebackType
 
 REDIS_ENV = "DECLCACHE_TEST_REDIS"
@@ -308,6 +317,158 @@ class MemcachedProcess(ServerProcess):
     def ping(self) -> bool:
         """Tell whether the server answers ``version``."""
         return _ask(self.host, self.port, b"version\r\n", b"VERSION")
+
+
+# --- TLS and ACL users ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """PEM files of a throwaway CA, a server certificate it signed, and a CA nobody trusts.
+
+    The server certificate names ``127.0.0.1`` and ``localhost`` (subjectAltName), so clients
+    verify the host name too. ``untrusted_ca`` signed nothing the server presents: a client
+    that trusts only it must refuse the server.
+    """
+
+    directory: Path
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    untrusted_ca: Path
+
+
+def _openssl(openssl: str, directory: Path, *args: str) -> None:
+    done = subprocess.run(
+        [openssl, *args], cwd=directory, capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        command = " ".join(["openssl", *args])
+        unavailable(f"`{command}` failed ({done.returncode}):\n{done.stderr[-2000:]}")
+
+
+_EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+_CA_EXTENSIONS = (
+    "-addext",
+    "basicConstraints=critical,CA:TRUE",
+    "-addext",
+    "keyUsage=critical,keyCertSign,cRLSign",
+)
+_SERVER_EXTENSIONS = """\
+subjectAltName = IP:127.0.0.1, DNS:localhost
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+"""
+
+
+def make_certificates(directory: Path) -> Certificates:
+    """Make a CA, a server certificate it signs, and an unrelated CA, in ``directory``.
+
+    Calls :func:`unavailable` when ``openssl`` is not installed or fails.
+    """
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        unavailable("openssl is not installed: cannot make the TLS test certificates")
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, subject in (("ca", "declcache test CA"), ("untrusted-ca", "nobody trusts me")):
+        _openssl(
+            openssl, directory, "req", "-x509", "-new", *_EC_KEY, "-days", "2",
+            "-subj", f"/CN={subject}", "-keyout", f"{name}.key", "-out", f"{name}.crt",
+            *_CA_EXTENSIONS,
+        )  # fmt: skip
+    (directory / "server.ext").write_text(_SERVER_EXTENSIONS)
+    _openssl(
+        openssl, directory, "req", "-new", *_EC_KEY, "-subj", "/CN=127.0.0.1",
+        "-keyout", "server.key", "-out", "server.csr",
+    )  # fmt: skip
+    _openssl(
+        openssl, directory, "x509", "-req", "-in", "server.csr", "-days", "2",
+        "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-extfile", "server.ext", "-out", "server.crt",
+    )  # fmt: skip
+    return Certificates(
+        directory=directory,
+        ca=directory / "ca.crt",
+        server_cert=directory / "server.crt",
+        server_key=directory / "server.key",
+        untrusted_ca=directory / "untrusted-ca.crt",
+    )
+
+
+class TlsRedisProcess(RedisProcess):
+    """A private ``redis-server`` on a TLS port only, its ``default`` user behind a password.
+
+    ``--port 0`` turns the plain port off: every connection is TLS. Clients are not asked for
+    a certificate (``--tls-auth-clients no``). :meth:`admin` is a client of the ``default``
+    user, which may do anything; :meth:`set_user` creates ACL users with ``ACL SETUSER``.
+
+    Args:
+        certificates: the server's certificate and key, and the CA clients verify it with.
+    """
+
+    def __init__(self, certificates: Certificates, host: str = "127.0.0.1") -> None:
+        super().__init__(host)
+        self.certificates = certificates
+        self.admin_password = secrets.token_urlsafe(16)
+
+    def _command(self, binary: str) -> list[str]:
+        certificates = self.certificates
+        return [
+            binary,
+            "--port", "0",
+            "--tls-port", str(self.port),
+            "--bind", self.host,
+            "--tls-cert-file", str(certificates.server_cert),
+            "--tls-key-file", str(certificates.server_key),
+            "--tls-ca-cert-file", str(certificates.ca),
+            "--tls-auth-clients", "no",
+            "--requirepass", self.admin_password,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(certificates.directory),
+        ]  # fmt: skip
+
+    def ping(self) -> bool:
+        """Tell whether the server answers ``PING`` over TLS (``NOAUTH`` is an answer too)."""
+        context = ssl.create_default_context(cafile=str(self.certificates.ca))
+        try:
+            with (
+                socket.create_connection(self.address, timeout=0.5) as raw,
+                context.wrap_socket(raw, server_hostname=self.host) as sock,
+            ):
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
+        except OSError:
+            return False
+
+    def admin(self) -> Any:
+        """A redis-py client of the ``default`` user over TLS (the caller closes it)."""
+        import redis  # only the tests that run TLS need it
+
+        return redis.Redis(
+            host=self.host,
+            port=self.port,
+            password=self.admin_password,
+            ssl=True,
+            ssl_ca_certs=str(self.certificates.ca),
+            socket_timeout=5,
+        )
+
+    def set_user(self, name: str, *rules: str) -> None:
+        """``ACL SETUSER name reset rules…``: the user has exactly these rules afterwards."""
+        client = self.admin()
+        try:
+            client.execute_command("ACL", "SETUSER", name, "reset", *rules)
+        finally:
+            client.close()
+
+
+def start_tls_redis_server(certificates: Certificates) -> TlsRedisProcess:
+    """Start a NEW private TLS-only Redis server with ``certificates`` on a free port."""
+    return TlsRedisProcess(certificates).start()
 
 
 def start_redis_server() -> RedisProcess:

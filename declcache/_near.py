@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
     from declcache._api import Store, Swap, Write
 
-__all__ = ["AsyncNearStore", "NearCache", "NearCacheStats", "NearStore"]
+__all__ = ["AsyncNearStore", "NearCache", "NearCacheStats", "NearStore", "probe_tracking"]
 
 logger = logging.getLogger("declcache.near")
 _faults = FaultLog(logger)  # a down Redis would otherwise log every retry, every second
@@ -120,6 +120,14 @@ def _tracking_connection(pool: Any, key_prefix: str, on_push: Callable[[Any], ob
         connection.disconnect()
         raise
     return connection
+
+
+def probe_tracking(pool: Any, key_prefix: str) -> None:
+    """Open, then close, the tracking connection a near cache would: does the server let it?
+
+    ``declcache check`` calls it; raises what the server or client raised.
+    """
+    _disconnect(_tracking_connection(pool, key_prefix, lambda _message: None))
 
 
 class NearCache:

@@ -6,12 +6,13 @@ import contextlib
 import statistics
 import time
 import uuid
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from dogpile.cache.exception import PluginNotFound
 
 from declcache import backends
+from declcache._near import probe_tracking
 from declcache.cli._app import (
     EXIT_UNREACHABLE,
     app,
@@ -26,21 +27,31 @@ from declcache.exceptions import ConfigurationError
 if TYPE_CHECKING:
     from declcache.settings import CacheConfig
 
-__all__ = ["check", "client_problem", "probe_backend"]
+__all__ = ["FeatureRefused", "check", "client_problem", "probe_backend"]
 
 #: What a client's error says when the server dropped a plain connection (a TLS port does).
 _DROPPED = ("closed by server", "connection reset", "error while reading", "timeout reading")
 
 
+class FeatureRefused(Exception):
+    """The backend answers, but refuses what a configured feature needs (an ACL rule)."""
+
+
 def probe_backend(config: CacheConfig, rounds: int = 5) -> float:
     """Write, read back and delete a probe key under the prefix; the median round trip in s.
 
+    Then try what the configured features need beyond reads and writes: the distributed
+    lock's own key, and the near cache's client tracking. A user whose ACL refuses either
+    would otherwise see the feature silently off at run time.
+
     Raises:
         RuntimeError: the probe read back something else than it wrote.
+        FeatureRefused: a configured feature cannot work with this server or user.
         Exception: whatever the backend's client raises when it cannot be reached.
     """
     backend = backends.open_backend(config.backend, config.arguments, config)
-    store = backend.store(backend.make_region("check", 60))
+    region = backend.make_region("check", 60)
+    store = backend.store(region)
     keeps_values = backend.keeps_values
     key = f"{config.key_prefix}check:{uuid.uuid4().hex}"
     value = uuid.uuid4().hex.encode("ascii")
@@ -53,10 +64,38 @@ def probe_backend(config: CacheConfig, rounds: int = 5) -> float:
             timings.append(time.perf_counter() - started)
             if read != value and keeps_values:
                 raise RuntimeError(f"wrote {value!r} under {key!r} and read back {read!r}")
+        if config.arguments.get("distributed_lock"):
+            _probe_lock(region, key)
+        if config.near_cache:
+            _probe_near_cache(backend.tracking_pool(region), config.key_prefix)
     finally:
         with contextlib.suppress(Exception):  # the probe key expires on its own
             store.delete_many([key])
     return statistics.median(timings)
+
+
+def _probe_lock(region: Any, key: str) -> None:
+    mutex = region.backend.get_mutex(key)
+    try:
+        if mutex is not None and mutex.acquire(False):
+            mutex.release()
+    except Exception as error:
+        raise FeatureRefused(
+            f"distributed_lock: the fill lock on {key!r} was refused; dogpile names it "
+            f"'_lock' + the key, so an ACL user needs that pattern too, e.g. "
+            f"~_lock<prefix>* ({type(error).__name__}: {error})"
+        ) from None
+
+
+def _probe_near_cache(pool: Any, key_prefix: str) -> None:
+    try:
+        probe_tracking(pool, key_prefix)
+    except Exception as error:
+        raise FeatureRefused(
+            "near_cache: CLIENT TRACKING was refused, so the near cache would stay off "
+            "(an ACL user needs +client|tracking and +client|id) "
+            f"({type(error).__name__}: {error})"
+        ) from None
 
 
 def client_problem(error: Exception, config: CacheConfig) -> str:
@@ -114,6 +153,8 @@ def check(
         elapsed = probe_backend(config, rounds)
     except ConfigurationError as error:
         raise fail(str(error), secrets=secrets) from None
+    except FeatureRefused as error:
+        raise fail(f"{config.backend} ({target}): {error}", EXIT_UNREACHABLE, secrets) from None
     except PluginNotFound:
         raise fail(
             f"{config.setting_name('backend')}: unknown dogpile backend {config.backend!r}"

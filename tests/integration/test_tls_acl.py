@@ -657,3 +657,50 @@ async def test_a_wrong_setting_never_fails_an_async_read_or_write(
             assert_no_secret(logging.Formatter().format(record), tls_redis)
     finally:
         await db.dispose()
+
+
+@pytest.mark.parametrize(
+    ("feature", "rules", "refused"),
+    [
+        pytest.param("lock", (f"~{KEY_PATTERN}", "+@all"), True, id="lock-outside-the-pattern"),
+        pytest.param(
+            "lock", (f"~{KEY_PATTERN}", f"~_lock{KEY_PATTERN}", "+@all"), False, id="lock-granted"
+        ),
+        pytest.param("near", (f"~{KEY_PATTERN}", *LEAST_PRIVILEGE), True, id="no-tracking"),
+        pytest.param(
+            "near",
+            (f"~{KEY_PATTERN}", *LEAST_PRIVILEGE, "+client|tracking"),
+            False,
+            id="tracking-granted",
+        ),
+    ],
+)
+def test_declcache_check_tries_what_each_configured_feature_needs(  # noqa: PLR0917 - params
+    tls_redis: _servers.TlsRedisProcess,
+    tls_prefix: str,
+    tmp_path: Path,
+    feature: str,
+    rules: tuple[str, ...],
+    refused: bool,
+) -> None:
+    """A user allowed to read and write may still be refused the lock or client tracking:
+    the feature would be silently off at run time, so ``check`` tries it and says which."""
+    user = f"app_{feature}"
+    tls_redis.set_user(user, "on", f">{PASSWORD}", "-@all", *rules)
+    base = setup_for(tls_redis, tls_prefix)
+    env = Setup(base.url.replace(f"{USER}:", f"{user}:", 1), base.key_prefix, base.arguments)
+    if feature == "lock":
+        env = Setup(env.url, env.key_prefix, {**env.arguments, "distributed_lock": True})
+        variables = env.env()
+    else:
+        variables = {**env.env(), "DECLCACHE_NEAR_CACHE": "true"}
+    result = run_cli("check", "--rounds", "1", cwd=tmp_path, env=variables)
+    output = result.stdout + result.stderr
+    assert_no_secret(output, tls_redis)
+    if not refused:
+        assert result.returncode == 0, output
+        return
+    assert result.returncode == 1, output
+    expected = "_lock" if feature == "lock" else "client|tracking"
+    assert expected in result.stderr, result.stderr
+    assert ("distributed_lock" if feature == "lock" else "near_cache") in result.stderr

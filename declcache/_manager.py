@@ -75,7 +75,7 @@ class CacheManager:
         self._on_stats = on_stats
         self._caches: dict[type, ModelCache | None] = {}
         self._lock = threading.RLock()
-        self._faults = FaultLog(logger)
+        self._faults = FaultLog(logger, secrets=self._config.secrets)
         self._scope_warnings = scope_warnings()
         self._breaker = Breaker(self._config.breaker_interval)
         self._enabled = self._config.enabled and self._dogpile_available()

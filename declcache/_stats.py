@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
+
+from declcache._secrets import redact
 
 __all__ = ["Counters", "FaultLog", "ModelStats", "StatsHook"]
 
@@ -90,11 +92,15 @@ class Counters:
 class FaultLog:
     """Log each kind of fault at most once per ``interval`` seconds, with how many were hidden."""
 
-    def __init__(self, logger: logging.Logger, interval: float = 30.0) -> None:
+    def __init__(
+        self, logger: logging.Logger, interval: float = 30.0, secrets: Iterable[str] = ()
+    ) -> None:
         self._logger = logger
         self._interval = interval
         self._last: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
+        #: Texts no record may show: a client's error can quote what it was configured with.
+        self._secrets = frozenset(secrets)
 
     def warning(self, kind: str, message: str, *args: object, exc_info: bool = False) -> None:
         """Log ``message`` unless ``kind`` was logged less than ``interval`` seconds ago."""
@@ -106,7 +112,26 @@ class FaultLog:
                 return
             self._last[kind] = (now, 0)
         suffix = f" ({hidden} similar faults not logged)" if hidden else ""
-        self._logger.warning(message + suffix, *args, exc_info=exc_info)
+        shown = [
+            _Redacted(arg, self._secrets) if isinstance(arg, BaseException) else arg for arg in args
+        ]
+        self._logger.warning(message + suffix, *shown, exc_info=exc_info)
+
+
+class _Redacted:
+    """An error as a log record shows it (``%s`` or ``%r``), without any of ``secrets``."""
+
+    __slots__ = ("_repr", "_str")
+
+    def __init__(self, error: BaseException, secrets: frozenset[str]) -> None:
+        self._repr = redact(repr(error), secrets)
+        self._str = redact(str(error), secrets)
+
+    def __repr__(self) -> str:
+        return self._repr
+
+    def __str__(self) -> str:
+        return self._str
 
 
 _hook_faults = FaultLog(logging.getLogger("declcache.stats"))

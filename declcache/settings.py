@@ -57,7 +57,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from declcache import backends
 from declcache._meta import check_override
-from declcache._secrets import masked
+from declcache._secrets import masked, secrets_in
 from declcache.backends._arguments import MAX_EXPIRY, MAX_WAIT
 from declcache.exceptions import SettingsError
 from declcache.serializers import resolve_format
@@ -444,6 +444,15 @@ class CacheConfig:
         and arguments a URL set show the URL's.
         """
         return MappingProxyType({name: str(origin) for name, origin in self.origins.items()})
+
+    @property
+    def secrets(self) -> frozenset[str]:
+        """Every secret this config holds: its URL's password, secret-named arguments.
+
+        What error messages, log records and command output redact.
+        """
+        found = secrets_in(self.arguments) | (secrets_in(self.url) if self.url else set())
+        return frozenset(found)
 
     def setting_name(self, field_name: str) -> str:
         """The name a user set ``field_name`` by: its variable if from the environment."""

@@ -14,7 +14,7 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
     ) from None
 
 from declcache import __version__
-from declcache._secrets import masked, redact, secrets_in
+from declcache._secrets import masked, redact
 from declcache.exceptions import ConfigurationError
 from declcache.settings import CacheConfig
 
@@ -30,7 +30,6 @@ __all__ = [
     "fail",
     "main",
     "new_console",
-    "secrets_of",
 ]
 
 #: Exit code when the backend cannot be reached or refuses an operation.
@@ -59,17 +58,12 @@ def new_console(*, stderr: bool = False) -> Console:
 def fail(message: str, code: int = EXIT_USAGE, secrets: Iterable[str] = ()) -> typer.Exit:
     """Print ``message`` on stderr and return the exit to raise.
 
-    The message is redacted first: every one of ``secrets`` (see :func:`secrets_of`) and
+    The message is redacted first: every one of ``secrets`` (see :attr:`CacheConfig.secrets`) and
     every URL's password masked, since it may quote a client's error or a value the user gave.
     """
     shown = escape(redact(message, secrets))
     new_console(stderr=True).print(f"[bold red]error:[/bold red] {shown}", markup=True)
     return typer.Exit(code)
-
-
-def secrets_of(config: CacheConfig) -> set[str]:
-    """The secrets ``config`` holds (its URL's password, secret arguments), to redact."""
-    return secrets_in(config.arguments) | (secrets_in(config.url) if config.url else set())
 
 
 def config_from_env() -> CacheConfig:

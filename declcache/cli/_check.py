@@ -20,7 +20,6 @@ from declcache.cli._app import (
     describe_target,
     fail,
     new_console,
-    secrets_of,
 )
 from declcache.exceptions import ConfigurationError
 
@@ -148,7 +147,7 @@ def check(
         disabled_by = config.sources.get("enabled", "default")
         console.print(f"caching is disabled ({disabled_by})", markup=False)
         return
-    secrets = secrets_of(config)
+    secrets = config.secrets
     try:
         elapsed = probe_backend(config, rounds)
     except ConfigurationError as error:

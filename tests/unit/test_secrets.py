@@ -10,6 +10,7 @@ log records are searched by ``tests/integration/test_secrets.py``.
 from __future__ import annotations
 
 import json
+import logging
 import traceback
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ import pytest
 
 from declcache import CacheConfig, SettingsError
 from declcache._secrets import is_secret_name, mask_url, masked, redact, secrets_in
+from declcache._stats import FaultLog
 from declcache.backends import parse_url
 
 if TYPE_CHECKING:
@@ -227,3 +229,21 @@ def test_redact_replaces_known_secrets_and_masks_urls() -> None:
     text = "AUTH failed with hunter2 at redis://app:other@h:6379/0"
 
     assert redact(text, {"hunter2"}) == "AUTH failed with *** at redis://app:***@h:6379/0"
+
+
+def test_a_fault_log_record_never_shows_a_configured_secret(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client's error may quote what it was configured with: the manager's log redacts it."""
+    config = CacheConfig(url="redis://app:Pl4nted-Secret@cache.internal:6380/0")
+    faults = FaultLog(logging.getLogger("declcache.test"), secrets=config.secrets)
+    error = ConnectionError("AUTH app Pl4nted-Secret refused by redis://app:Pl4nted-Secret@h/0")
+
+    with caplog.at_level(logging.WARNING, "declcache.test"):
+        faults.warning("kind", "cache get failed: %r / %s", error, error)
+
+    (record,) = caplog.records
+    shown = record.getMessage()
+    assert "Pl4nted-Secret" not in shown
+    assert "AUTH app *** refused" in shown
+    assert "ConnectionError(" in shown  # the error is still named, only the secret is gone

@@ -34,6 +34,7 @@ from declcache._keys import UNSCOPED, primary_key_names
 from declcache._private_apis import await_only, in_greenlet
 from declcache._registry import cached_models
 from declcache._scope import OWN_LISTENERS
+from declcache.exceptions import ConfigurationError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -120,15 +121,28 @@ def _change(
     return change
 
 
+def _is_cached(manager: CacheManager, mapper: Mapper[Any]) -> bool:
+    """Whether ``manager`` caches ``mapper``'s class; a cache it cannot build caches nothing.
+
+    Configurations are checked before any flush (``_registry.watch``); one that slipped
+    through is logged here, and the other models of the row are still recorded.
+    """
+    try:
+        return manager.is_cached(mapper.class_)
+    except ConfigurationError:
+        logger.exception("%s is not cached: its configuration is invalid", mapper.class_.__name__)
+        return False
+
+
 def _cached_lineage(manager: CacheManager, mapper: Mapper[Any]) -> list[Mapper[Any]]:
     """The mapper and its inherited mappers that this manager caches (a row is all of them)."""
-    return [m for m in mapper.iterate_to_root() if manager.is_cached(m.class_)]
+    return [m for m in mapper.iterate_to_root() if _is_cached(manager, m)]
 
 
 def _cached_family(manager: CacheManager, mapper: Mapper[Any]) -> list[Mapper[Any]]:
     """Every cached mapper a statement on ``mapper``'s tables can touch: bases and subclasses."""
     family = {*mapper.iterate_to_root(), *mapper.self_and_descendants}
-    return [m for m in family if manager.is_cached(m.class_)]
+    return [m for m in family if _is_cached(manager, m)]
 
 
 def has_uncommitted_changes(session: Session, model: type) -> bool:

@@ -31,7 +31,7 @@ from declcache._keys import UNSCOPED, KeyBuilder, Scope, primary_key_values
 from declcache._meta import ModelSpec, resolve_spec
 from declcache._model_cache import ModelCache
 from declcache._near import AsyncNearStore, NearCache, NearCacheStats
-from declcache._registry import cached_models, declared_meta
+from declcache._registry import cached_models, declared_meta, watch
 from declcache._replay import Invalidator
 from declcache._scope import scope_of, scope_warnings
 from declcache._stats import FaultLog, ModelStats, StatsHook
@@ -66,12 +66,17 @@ class CacheManager:
 
     A disabled config (``enabled=False``), or a missing dogpile.cache, gives a manager that
     caches nothing: every lookup misses and every write is a no-op.
+
+    Raises:
+        SettingsError: a ``DECLCACHE_MODELS`` override is invalid for a model already
+            configured (the others are checked when SQLAlchemy configures their mappers).
     """
 
     def __init__(
         self, config: CacheConfig | None = None, *, on_stats: StatsHook | None = None
     ) -> None:
         self._config = config if config is not None else CacheConfig()
+        watch(self._config)  # its DECLCACHE_MODELS fail now or at mapper configuration
         self._on_stats = on_stats
         self._caches: dict[type, ModelCache | None] = {}
         self._lock = threading.RLock()

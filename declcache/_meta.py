@@ -71,9 +71,9 @@ def _boolean(value: Any, _mapper: Mapper[Any] | None) -> bool:
     return value
 
 
-def _serializer(value: Any, _mapper: Mapper[Any] | None) -> tuple[str, SerializationFormat]:
+def _serializer(value: Any, mapper: Mapper[Any] | None) -> tuple[str, SerializationFormat]:
     try:
-        return resolve_format(value)
+        return resolve_format(value, mapper)
     except ValueError as error:
         raise _InvalidError(str(error)) from None
 
@@ -204,7 +204,8 @@ def _validated(name: str, value: Any, mapper: Mapper[Any] | None) -> Any:
 def check_override(attribute: str, value: Any) -> str | None:
     """The problem with one per-model override, checked before any model is mapped.
 
-    Whether ``key_fields`` name unique columns is checked when the model is resolved.
+    What depends on the model (whether ``key_fields`` name unique columns) is checked when
+    the mappers are configured: :func:`declcache._registry.watch` resolves every model.
     """
     try:
         _validated(attribute, value, None)
@@ -288,6 +289,10 @@ class SpecSettings(Protocol):
     def sources(self) -> Mapping[str, str]:
         """Where each setting came from."""
 
+    @property
+    def models(self) -> Mapping[str, Mapping[str, Any]]:
+        """The per-model overrides, keyed by class or table name."""
+
     def setting_name(self, field_name: str) -> str:
         """The name a user set ``field_name`` by."""
 
@@ -309,7 +314,8 @@ def _override_values(mapper: Mapper[Any], config: SpecSettings) -> dict[str, tup
         try:
             values[attribute] = _validated(attribute, value, mapper), source
         except _InvalidError as error:
-            raise SettingsError(f"{source}.{attribute}", str(error)) from None
+            problem = f"{error} (model {mapper.class_.__name__})"
+            raise SettingsError(f"{source}.{attribute}", problem) from None
     return values
 
 

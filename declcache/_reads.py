@@ -369,7 +369,12 @@ def _store_list(cache: ModelCache, key: str, version: str, result: Any) -> Flow[
             return
         if len(body) != len(result):
             return
-    payload = cache.fitting(cache.payloads.dump(version, LIST, *body))
+    try:
+        payload = cache.fitting(cache.payloads.dump(version, LIST, *body))
+    except Exception as error:  # a custom format's dumps: never the caller's failure
+        logger.debug("%s list not cached: %r", cache.name, error)
+        cache.counters.add("errors")
+        return
     if payload is None:
         return
     try:

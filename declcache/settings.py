@@ -255,7 +255,9 @@ class CacheConfig:
         serializer: the default format: ``"json"``, ``"msgpack"``, ``"package.module:name"``,
             a format object with ``dumps``/``loads``, or a ``dumps`` function used together
             with ``deserializer``.
-        deserializer: the ``loads`` function paired with a ``serializer`` function.
+        deserializer: the ``loads`` function paired with a ``serializer`` function; or,
+            in advanced-alchemy's shape, ``deserializer(data, model_class) -> instance``
+            paired with ``serializer(instance) -> bytes`` (see docs/serialization.md).
         url: a cache URL (``redis://host:6379/0``…) that sets ``backend`` and ``arguments``;
             explicit ``arguments`` are merged over the ones the URL gives.
         models: per-model overrides keyed by class or table name,
@@ -286,7 +288,7 @@ class CacheConfig:
     key_prefix: Annotated[StrictStr, AfterValidator(_key_prefix)] = DEFAULT_KEY_PREFIX
     enabled: StrictBool = True
     serializer: Any = None
-    deserializer: Annotated[Callable[[bytes], Any] | None, _ARGUMENT_ONLY] = None
+    deserializer: Annotated[Callable[..., Any] | None, _ARGUMENT_ONLY] = None
     url: StrictStr | None = None
     models: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     memory_max_entries: _Entries = DEFAULT_MEMORY_MAX_ENTRIES

@@ -8,9 +8,11 @@ from typing import Any
 
 import pytest
 
+from declcache import CacheConfig
 from declcache.serializers import (
     FunctionFormat,
     JsonFormat,
+    ModelFunctionFormat,
     MsgpackFormat,
     SerializationFormat,
     resolve_format,
@@ -191,3 +193,49 @@ def test_msgpack_without_the_package_says_which_extra_to_install(
 
     with pytest.raises(ValueError, match=r"pip install 'declcache\[msgpack\]'"):
         resolve_format("msgpack")
+
+
+# -- advanced-alchemy's model pair ---------------------------------------------------------------
+
+
+def _model_dumps(instance: Any) -> bytes:
+    return json.dumps({"id": instance.id}).encode()
+
+
+def _model_loads(data: bytes, model_class: type) -> Any:
+    return model_class(**json.loads(data))
+
+
+def _loads_with_an_option(data: bytes, model_class: type | None = None) -> Any:
+    return json.loads(data)
+
+
+@pytest.mark.parametrize(
+    ("pair", "kind"),
+    [
+        pytest.param((_model_dumps, _model_loads), ModelFunctionFormat, id="two-positional"),
+        pytest.param((json.dumps, json.loads), FunctionFormat, id="json-module-functions"),
+        pytest.param((_model_dumps, _loads_with_an_option), FunctionFormat, id="optional-second"),
+        pytest.param((str, bytes.decode), FunctionFormat, id="builtin-method"),
+    ],
+)
+def test_a_pair_is_a_model_pair_when_its_deserializer_takes_data_and_model_class(
+    pair: tuple[Any, Any], kind: type
+) -> None:
+    name, format_ = resolve_format(pair)
+
+    assert type(format_) is kind
+    assert name.startswith("model-pair:" if kind is ModelFunctionFormat else "pair:")
+
+
+def test_an_unbound_model_pair_refuses_to_encode() -> None:
+    _name, format_ = resolve_format((_model_dumps, _model_loads))
+
+    with pytest.raises(TypeError, match="bind it to one first"):
+        format_.dumps(["fingerprint", "generation", "e", 1])
+
+
+def test_a_model_pair_is_accepted_as_the_config_default() -> None:
+    config = CacheConfig(serializer=_model_dumps, deserializer=_model_loads)
+
+    assert config.serializer_spec == (_model_dumps, _model_loads)

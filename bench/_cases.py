@@ -85,9 +85,11 @@ class Stack:
             event.listen(self.async_engines[db].sync_engine, "before_cursor_execute", _count_select)
         return self.async_engines[db]
 
-    def manager(self, backend: str, tag: str, *, near: bool | None = None) -> CacheManager:
+    def manager(
+        self, backend: str, tag: str, *, near: bool | None = None, scope: Any = None
+    ) -> CacheManager:
         """A manager on ``backend`` with its own key prefix (``tag``); the near cache on for
-        ``redis+near`` unless ``near`` says otherwise."""
+        ``redis+near`` unless ``near`` says otherwise; ``scope``: its scope function."""
         name, arguments = _env.cache_backend(backend)
         self.redis_used |= backend in {"redis", _env.NEAR}
         config = CacheConfig(
@@ -95,13 +97,17 @@ class Stack:
             arguments=arguments,
             key_prefix=f"{self.run_prefix}{tag}:",
             near_cache=backend == _env.NEAR if near is None else near,
+            scope=scope,
         )
         manager = CacheManager(config)
         self.managers.append(manager)
         return manager
 
-    def sessions(self, db: str, manager: CacheManager | None = None) -> sessionmaker[Session]:
-        info = {} if manager is None else {"cache_manager": manager}
+    def sessions(
+        self, db: str, manager: CacheManager | None = None, **info: Any
+    ) -> sessionmaker[Session]:
+        if manager is not None:
+            info["cache_manager"] = manager
         return sessionmaker(bind=self.engine(db), info=info, **SESSION_OPTIONS)
 
     def async_sessions(self, db: str, manager: CacheManager | None = None) -> Any:
@@ -202,6 +208,24 @@ def floor_in_session_case(stack: Stack, floor: Case) -> Case:
 # -- (3) declcache hits -----------------------------------------------------------------------
 
 
+def _tenant_scope(session: Session) -> str | None:
+    tenant: str | None = session.info.get("tenant")
+    return tenant
+
+
+def _tenant_hit_case(stack: Stack, backend: str, db: str) -> Case:
+    """``repo.get`` in a named scope (a tenant): the cost of a scope function and its token."""
+    manager = stack.manager(backend, f"tenant-{backend}-{db}", scope=_tenant_scope)
+    sessions = stack.sessions(db, manager, tenant="acme")
+    warm(sessions)
+
+    def run(ident: int) -> None:
+        with sessions() as session:
+            AccountRepository(session=session).get(ident)
+
+    return Case("layers", f"repo.get {backend} {db} sync, in a tenant's scope", run=run)
+
+
 def hit_cases(stack: Stack, backend: str, db: str) -> list[Case]:
     manager = stack.manager(backend, f"hit-{backend}-{db}")
     sessions = stack.sessions(db, manager)
@@ -231,6 +255,7 @@ def hit_cases(stack: Stack, backend: str, db: str) -> list[Case]:
                 AsyncAccountRepository(session=session)
 
         cases += [
+            _tenant_hit_case(stack, backend, db),
             _undecoded_hit_case(stack, backend, db),
             Case("layers", f"CacheManager.get {backend}", run=lambda i: manager.get(Account, i)),
             Case("layers", "fresh session + repository, no read", run=empty_session),

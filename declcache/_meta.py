@@ -31,6 +31,7 @@ from sqlalchemy import Column, PrimaryKeyConstraint, UniqueConstraint
 
 from declcache._codec import fingerprint
 from declcache._keys import primary_key_names
+from declcache.backends._arguments import MAX_EXPIRY
 from declcache.exceptions import CacheMetaError, SettingsError
 from declcache.serializers import SerializationFormat, resolve_format
 
@@ -62,6 +63,8 @@ def _positive_seconds(value: Any, _mapper: Mapper[Any] | None) -> int:
             f"expected a positive whole number of seconds, got {value!r} "
             "(to turn caching off for this model write enabled = False)"
         )
+    if value > MAX_EXPIRY:  # the bound of DECLCACHE_EXPIRATION_TIME: a unit mistake
+        raise _InvalidError(f"expected at most {MAX_EXPIRY} seconds (ten years), got {value!r}")
     return value
 
 

@@ -393,6 +393,7 @@ def test_key_field_that_is_a_sql_expression_is_rejected(base: type[DeclarativeBa
         pytest.param({"ttl": 1.5}, "ttl", "got 1.5", id="ttl-float"),
         pytest.param({"ttl": "60"}, "ttl", "got '60'", id="ttl-str"),
         pytest.param({"ttl": None}, "ttl", "got None", id="ttl-none"),
+        pytest.param({"ttl": 10**10}, "ttl", "ten years", id="ttl-a-unit-mistake"),
         pytest.param(
             {"serializer": "yaml"},
             "serializer",

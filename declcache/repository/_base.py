@@ -30,7 +30,13 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from sqlalchemy import ColumnElement, Select, func, inspect, literal, select, tuple_
 
 from declcache._api import Ident, Lookup
-from declcache._keys import ident_parts, normalized, primary_key_names, primary_key_values
+from declcache._keys import (
+    UNSCOPED,
+    ident_parts,
+    normalized,
+    primary_key_names,
+    primary_key_values,
+)
 from declcache._listeners import SESSION_MANAGER_KEY, has_uncommitted_changes
 from declcache._private_apis import session_is_clean
 from declcache._scope import translate_map
@@ -175,6 +181,7 @@ class RepositoryBase(Generic[ModelT]):
         self._dialect: Dialect | None = None
         self._manager = self._attach_manager(sync_session, cache_manager)
         self._views: dict[Scope, CacheView] = {}
+        self._unscoped: CacheView | None = None
 
     @staticmethod
     def _attach_manager(session: Session, explicit: CacheManager | None) -> CacheManager | None:
@@ -213,9 +220,14 @@ class RepositoryBase(Generic[ModelT]):
         scope = manager.scope(self._sync_session, self.model_type)
         if scope is None:
             return None
-        view = self._views.get(scope)
+        # most reads are unscoped: no hashing of the scope for them
+        view = self._unscoped if scope is UNSCOPED else self._views.get(scope)
         if view is None or view.manager is not manager:
-            view = self._views[scope] = CacheView(manager, scope)
+            view = CacheView(manager, scope)
+            if scope is UNSCOPED:
+                self._unscoped = view
+            else:
+                self._views[scope] = view
         return view
 
     def _is_writing(self) -> bool:

@@ -24,7 +24,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event, inspect
+from sqlalchemy import Table, event, inspect
 from sqlalchemy.orm import Mapper, configure_mappers
 
 from declcache._meta import DeclaredMeta, read_cache_meta, resolve_spec
@@ -33,9 +33,20 @@ from declcache.exceptions import ConfigurationError
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from sqlalchemy import ForeignKeyConstraint
+    from sqlalchemy.sql.selectable import TableClause
+
     from declcache._meta import SpecSettings
 
-__all__ = ["cached_models", "declared_meta", "unmatched_overrides", "watch"]
+__all__ = [
+    "cached_models",
+    "cascading_tables",
+    "declared_meta",
+    "ensure_configured",
+    "models_of_table",
+    "unmatched_overrides",
+    "watch",
+]
 
 logger = logging.getLogger("declcache.registry")
 
@@ -208,9 +219,64 @@ def declared_meta(model: type) -> DeclaredMeta | None:
     return None if declared is _NOT_CACHED else declared
 
 
+def ensure_configured() -> None:
+    """Configure every mapper not configured yet, as SQLAlchemy's first query would.
+
+    The registry learns a model in its ``mapper_configured`` event: in a fresh process
+    where nothing was queried yet, ``clear()`` or a Core statement through a session would
+    otherwise see no model at all. Cheap when nothing is new.
+    """
+    configure_mappers()
+
+
 def cached_models() -> list[type]:
-    """Every configured mapped class that declares a CacheMeta, sorted by name."""
+    """Every mapped class that declares a CacheMeta, sorted by name; mappers configured first."""
+    ensure_configured()
     with _lock:
         models = [cls for cls, declared in _declared.items() if declared is not _NOT_CACHED]
     mapped = [cls for cls in models if inspect(cls, raiseerr=False) is not None]  # not disposed
     return sorted(mapped, key=lambda cls: (cls.__module__, cls.__qualname__))
+
+
+#: Referential actions by which the database rewrites rows the ORM did not write.
+_REWRITING_ACTIONS = frozenset({"CASCADE", "SET NULL", "SET DEFAULT"})
+
+
+def models_of_table(table: object) -> list[type]:
+    """Every mapped class (cached or not) whose mapper writes ``table``; mappers configured.
+
+    Core statements name tables, not classes: this is how a ``table.update()`` or a legacy
+    bulk call executed through a session finds the models it changes.
+    """
+    ensure_configured()
+    with _lock:
+        read = list(_declared)
+    found = []
+    for cls in read:
+        mapper: Any = inspect(cls, raiseerr=False)
+        if isinstance(mapper, Mapper) and table in mapper.tables:
+            found.append(cls)
+    return found
+
+
+def cascading_tables(table: TableClause, *, on: str) -> list[tuple[Table, ForeignKeyConstraint]]:
+    """Tables whose rows the database rewrites when a row of ``table`` is deleted or updated.
+
+    Args:
+        table: the table a row was deleted from or updated in.
+        on: ``"delete"`` or ``"update"``: which referential action to look at.
+
+    Returns:
+        ``(dependent table, its foreign key to table)`` for every foreign key of the same
+        MetaData with ``ON DELETE``/``ON UPDATE`` ``CASCADE``, ``SET NULL`` or ``SET DEFAULT``
+        pointing at ``table``. The ORM never sees those writes: the cache must be told.
+    """
+    if not isinstance(table, Table):  # a lightweight table(): no foreign keys
+        return []
+    found = []
+    for dependent in table.metadata.tables.values():
+        for constraint in dependent.foreign_key_constraints:
+            action = constraint.ondelete if on == "delete" else constraint.onupdate
+            if constraint.referred_table is table and (action or "").upper() in _REWRITING_ACTIONS:
+                found.append((dependent, constraint))
+    return found

@@ -296,16 +296,25 @@ def cached_columns(mapper: Mapper[Any]) -> list[tuple[str, TypeEngine[Any]]]:
 
 
 def fingerprint(mapper: Mapper[Any], format_name: str) -> str:
-    """A short hash of everything that decides how a cached row of this model is shaped."""
+    """Twelve hex characters: the model's lineage (4), then a hash of its payloads' shape (8).
+
+    The *shape* is everything that decides how a cached row of this model is written: its
+    columns and their types, the format, the codec. The *lineage* is what a release that
+    changes the shape keeps: the class name and the tables. Payloads carry the fingerprint
+    (keys do not): a payload of the same lineage and another shape is another release's,
+    a silent miss during a deploy; one of another lineage is a foreign value, an error.
+    """
     cls = mapper.class_
+    tables = ",".join(table.fullname for table in mapper.tables)
     shape = [
         f"{cls.__module__}.{cls.__qualname__}",
-        ",".join(table.fullname for table in mapper.tables),
+        tables,
         *(f"{key}:{type_!r}" for key, type_ in cached_columns(mapper)),
         f"format={format_name}",
         f"codec={CODEC_VERSION}",
     ]
-    return hashlib.sha256("\n".join(shape).encode()).hexdigest()[:12]
+    lineage = hashlib.sha256(f"{cls.__qualname__}\n{tables}".encode()).hexdigest()
+    return lineage[:4] + hashlib.sha256("\n".join(shape).encode()).hexdigest()[:8]
 
 
 class ModelCodec:

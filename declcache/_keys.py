@@ -1,6 +1,6 @@
 """Idents and cache keys: how a caller names a row, and how the cache names what it holds. Pure.
 
-Every key is ``prefix + model + schema fingerprint [+ scope] + what it names``:
+Every key is ``prefix + model [+ scope] + what it names``:
 
 * an entity: ``…:id=7`` (its primary key) or ``…:email=a%40b.c`` (a ``key_fields`` set, whose
   entry is a *pointer* to the primary-key entry);
@@ -12,8 +12,16 @@ than 250 bytes. Key values are percent-encoded (so ``"a b"``, unicode and ``:`` 
 ``1`` never collides with ``"1,2"``), and a key that would still be too long keeps its
 readable head and replaces the rest by a hash.
 
-Every key holds the model's schema fingerprint (:func:`declcache._codec.fingerprint`): change
-the columns, their types, the format or the codec, and every old key is simply never read again.
+No key holds the model's schema fingerprint (:func:`declcache._codec.fingerprint`): every
+payload does, in its metadata (:mod:`declcache._payload`). Two releases of a model running side
+by side (a column added, another format) so share every key and token: a commit by either
+invalidates what both cached, and each reads the other's payloads as a silent miss.
+
+Key values are spelt as the column compares them (:func:`normalized`): ``Decimal("1.50")``,
+``Decimal("1.5")`` and ``1.5`` are one Numeric key, ``"Ada@X.org"`` and ``"ada@x.org"`` one key
+on SQLite's NOCASE, and the read side (an ident) and the write side (an instance, an
+invalidation) use the same spelling. A collation whose equality cannot be reproduced is
+refused for a key at configuration (:func:`collation_problem`).
 
 Every key also holds the :class:`Scope` it was read or written in, when there is one: the
 schema a ``schema_translate_map`` sends the model's table to (``~tenant_b``), and the name the
@@ -25,8 +33,13 @@ reads two *outside* tokens of its schema, which writes made outside every named 
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
+import enum
 import functools
 import hashlib
+import re
+import string
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,6 +63,7 @@ __all__ = [
     "KeyBuilder",
     "KeySet",
     "Scope",
+    "collation_problem",
     "ident_parts",
     "match",
     "normalized",
@@ -139,24 +153,188 @@ def match(mapper: Mapper[Any], idents: Sequence[Ident], loaded: Iterable[Any]) -
 
 # -- key values -------------------------------------------------------------------------------
 
+#: Collations whose equality is byte (or code point) equality: a key value needs no folding.
+#: PostgreSQL's libc and predefined ICU collations are deterministic too (their names below).
+_EXACT_COLLATIONS = frozenset({"c", "posix", "binary", "ucs_basic", "pg_c_utf8", "default"})
+_EXACT_COLLATION = re.compile(
+    r"""
+    .*(_bin2?|_cs(_as)?(_\w+)?)$   # MySQL/MariaDB *_bin, *_cs; SQL Server *_CS_AS, *_BIN2
+    | .*-x-icu$                    # PostgreSQL's predefined (deterministic) ICU collations
+    | [a-z]{2,3}(_[a-z]{2})?(\.[\w-]+)?$  # libc locales: en_US.utf8 (always deterministic)
+    """,
+    re.IGNORECASE | re.VERBOSE,
+)
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def collation_problem(type_: TypeEngine[Any]) -> str | None:
+    """Why a column of ``type_`` cannot name a cached entity; ``None`` if it can.
+
+    A key is a text: two spellings the column finds equal must give one key text, or a read
+    under one spelling finds what an invalidation under the other never reached. Equality
+    of a case-insensitive, accent-insensitive or otherwise nondeterministic collation cannot
+    be reproduced here except for the two spelt out in :func:`_normalizer`.
+    """
+    collation = getattr(type_, "collation", None)
+    if collation is None or _string_text(type_) is not None:
+        return None
+    return (
+        f"its collation {collation!r} may find two different spellings equal (case- or "
+        "accent-insensitive, or nondeterministic), and a cache key cannot reproduce that "
+        "equality; use a deterministic collation (C, *_bin, *_cs…), SQLite's NOCASE, "
+        "PostgreSQL's citext, or leave the column out of key_fields"
+    )
+
+
+def _string_text(type_: TypeEngine[Any]) -> Callable[[Any], str] | None:
+    """The text of a value of a string column as its collation compares it, if known."""
+    if type(type_).__name__.upper() == "CITEXT":  # PostgreSQL compares lower(a) = lower(b)
+        return _lower_text
+    collation = getattr(type_, "collation", None)
+    if collation is None:
+        return str
+    name = collation.strip('"')
+    if name.upper() == "NOCASE":  # SQLite folds the 26 ASCII letters, nothing else
+        return _nocase_text
+    if name.upper() == "RTRIM":  # SQLite ignores trailing spaces
+        return _rtrim_text
+    if name.lower() in _EXACT_COLLATIONS or _EXACT_COLLATION.fullmatch(name):
+        return str
+    return None
+
 
 def _normalizer(type_: TypeEngine[Any]) -> Callable[[Any], str]:
-    """Text of a key value, the same for every spelling of it (``7`` and ``"7"`` for an int)."""
+    """Text of a key value as the column compares it: one text for every spelling of a value.
+
+    ``7``, ``"7"`` and ``7.0`` for an integer; ``Decimal("1.50")``, ``Decimal("1.5")`` and
+    ``1.5`` for a Numeric; ``"Ada@X.org"`` and ``"ada@x.org"`` on SQLite's NOCASE. A value
+    the column could not compare raises ``ValueError``: it then has no key, so it is read
+    from the database and never cached under a spelling an invalidation would miss.
+    """
+    if isinstance(type_, sqltypes.Boolean):
+        return _boolean_text
     if isinstance(type_, sqltypes.Integer):
         return _integer_text
+    if isinstance(type_, sqltypes.Float):
+        return _float_text
+    if isinstance(type_, sqltypes.Numeric):
+        return _decimal_text
     if isinstance(type_, sqltypes.Uuid):
         return _uuid_text
+    if isinstance(type_, sqltypes.DateTime):
+        return _datetime_text
+    if isinstance(type_, sqltypes.Date):
+        return _date_text
+    if isinstance(type_, sqltypes.Enum) and type_.enum_class is not None:
+        return _enum_text(dict(zip(type_.enum_class, type_.enums, strict=False)))
+    if isinstance(type_, sqltypes.String):
+        text = _string_text(type_)
+        if text is None:
+            problem = collation_problem(type_)
+
+            def refused(_value: Any) -> str:
+                raise ValueError(problem)
+
+            return refused
+        return text
     return str
 
 
 def _integer_text(value: Any) -> str:
-    if isinstance(value, float) and not value.is_integer():
+    if isinstance(value, (float, decimal.Decimal)) and value != int(value):
         raise ValueError(f"{value!r} is not a whole number")
     return str(int(value))
 
 
+def _boolean_text(value: Any) -> str:
+    if value in (True, False):  # also 0 and 1, as the database compares them
+        return "1" if value else "0"
+    raise ValueError(f"{value!r} is not a boolean")
+
+
+def _decimal_text(value: Any) -> str:
+    """Plain decimal text without trailing zeros or exponent: ``1.50``, ``1.5``, ``15E-1``.
+
+    Not ``Decimal.normalize()``: it rounds to the context's 28 digits, and a wider
+    ``Numeric`` would then see two values share one key.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number")
+    if isinstance(value, float):
+        number = decimal.Decimal(repr(value))  # the shortest text naming that float
+    elif isinstance(value, (int, decimal.Decimal)):
+        number = decimal.Decimal(value)
+    else:
+        try:
+            number = decimal.Decimal(str(value).strip())
+        except decimal.InvalidOperation:
+            raise ValueError(f"{value!r} is not a number") from None
+    if not number.is_finite():
+        return str(number).lower()
+    if number.is_zero():
+        return "0"
+    sign, digits, finite_exponent = number.as_tuple()
+    kept, exponent = list(digits), int(finite_exponent)  # an int: the number is finite
+    while exponent < 0 and kept[-1] == 0:
+        kept.pop()
+        exponent += 1
+    return format(decimal.Decimal((sign, kept, exponent)), "f")
+
+
+def _float_text(value: Any) -> str:
+    """The shortest text of the double the column compares: ``Decimal("1.50")`` is ``1.5``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number")
+    number = float(value)
+    return "0.0" if number == 0 else repr(number)  # -0.0 = 0.0 in SQL
+
+
 def _uuid_text(value: Any) -> str:
     return str(value if isinstance(value, uuid.UUID) else uuid.UUID(str(value)))
+
+
+def _datetime_text(value: Any) -> str:
+    """ISO text; an aware value in UTC, since the database compares instants."""
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    if not isinstance(value, dt.datetime):
+        raise ValueError(f"{value!r} is not a datetime")
+    if value.utcoffset() is not None:
+        value = value.astimezone(dt.UTC)
+    text: str = value.isoformat()
+    return text
+
+
+def _date_text(value: Any) -> str:
+    if isinstance(value, str):
+        value = dt.date.fromisoformat(value)
+    if isinstance(value, dt.datetime) or not isinstance(value, dt.date):
+        raise ValueError(f"{value!r} is not a date")
+    return value.isoformat()
+
+
+def _enum_text(stored: dict[Any, str]) -> Callable[[Any], str]:
+    """An enum column stores one text per member: the member and that text are one key.
+
+    The text is the member's name, or what ``values_callable`` gave it.
+    """
+
+    def text(value: Any) -> str:
+        return stored[value] if isinstance(value, enum.Enum) else str(value)
+
+    return text
+
+
+def _nocase_text(value: Any) -> str:
+    return str(value).translate(_ASCII_LOWER)
+
+
+def _rtrim_text(value: Any) -> str:
+    return str(value).rstrip(" ")
+
+
+def _lower_text(value: Any) -> str:
+    return str(value).lower()
 
 
 def _encode_value(text: str) -> str:
@@ -200,7 +378,8 @@ class KeyBuilder:
     Args:
         prefix: the manager's key prefix.
         mapper: the model's mapper.
-        fingerprint: the model's schema fingerprint (the spec's).
+        fingerprint: the model's schema fingerprint (the spec's). Not part of any key:
+            payloads carry it, so that two releases of a model share keys and tokens.
         key_sets: the ``key_fields`` sets naming one entity besides the primary key.
         scope: the scope the keys belong to.
     """
@@ -234,7 +413,7 @@ class KeyBuilder:
         self._prefix = prefix
         self._fingerprint = fingerprint
         self.scope = scope
-        schema_head = f"{prefix}{_encode_value(mapper.class_.__name__)}:{fingerprint}"
+        schema_head = f"{prefix}{_encode_value(mapper.class_.__name__)}"
         if scope.schema:
             schema_head += f"~{_encode_value(scope.schema)}"
         self.head = schema_head

@@ -23,14 +23,14 @@ through the :class:`SpecSettings` protocol and never imports them.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Column, PrimaryKeyConstraint, UniqueConstraint
 
 from declcache._codec import fingerprint
-from declcache._keys import primary_key_names
+from declcache._keys import collation_problem, primary_key_names
 from declcache.backends._arguments import MAX_EXPIRY
 from declcache.exceptions import CacheMetaError, SettingsError
 from declcache.serializers import SerializationFormat, resolve_format
@@ -109,6 +109,18 @@ def _is_unique(mapper: Mapper[Any], columns: list[Column[Any]]) -> bool:
     return wanted in constraints
 
 
+def _check_collations(mapper: Mapper[Any], fields: Sequence[str]) -> None:
+    """Refuse a key column whose collation finds equal what its key texts tell apart.
+
+    A read under ``"Ada@X.org"`` and an invalidation under ``"ada@x.org"`` must reach one
+    key; :func:`declcache._keys.collation_problem` says when that cannot be promised.
+    """
+    for field in fields:
+        problem = collation_problem(_column_of(mapper, field).type)
+        if problem is not None:
+            raise _InvalidError(f"{field!r} cannot be a cache key: {problem}")
+
+
 def _key_fields(value: Any, mapper: Mapper[Any] | None) -> KeySets:
     """Normalise ``"email"``, ``("email",)`` or ``(("email",), ("org", "slug"))``.
 
@@ -133,6 +145,8 @@ def _key_fields(value: Any, mapper: Mapper[Any] | None) -> KeySets:
                 f"{tuple(fields)!r} is not unique: a key must be the primary key, a column "
                 "with unique=True, or the columns of a UniqueConstraint or unique Index"
             )
+        if mapper is not None:
+            _check_collations(mapper, fields)
         normalised.append(tuple(fields))
     return tuple(normalised)
 
@@ -248,6 +262,10 @@ def read_cache_meta(mapper: Mapper[Any]) -> DeclaredMeta | None:
             except _InvalidError as error:
                 raise CacheMetaError(model, name, str(error)) from None
             origins[name] = klass.__qualname__
+    try:  # the primary key is always a key, declared or not
+        _check_collations(mapper, primary_key_names(mapper))
+    except _InvalidError as error:
+        raise CacheMetaError(model, "key_fields", f"the primary key: {error}") from None
     return DeclaredMeta(values, origins)
 
 

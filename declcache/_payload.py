@@ -11,7 +11,15 @@ payload is one list encoded by the model's format:
 * a tombstone: ``[fingerprint, "x<random>"]`` — written on invalidation; it never matches a
   generation, so it reads as a miss, and its unique bytes let a fill detect that it lost a race.
 
-Tokens (a model's generation and list version) are bare random hex strings in the same layout.
+Every payload's metadata also holds the model's fingerprint, ``{"ct":…,"v":2,"fp":"…"}``,
+readable whatever the format. Keys and tokens do not hold it: two releases of a model running
+side by side (a column added, another serializer) share every key and token, so a commit by
+either invalidates what both cached. Each reads the other's payloads as a plain miss, decided
+from the metadata before any row is decoded (an old shape is never deserialized), and its
+fill, a compare-and-set against those very bytes, replaces them.
+
+Tokens (a model's generation and list version) are bare random hex strings in the same layout,
+without a fingerprint: both releases read and replace the same ones.
 
 A :class:`Payloads` remembers what it parsed by the raw bytes: equal bytes are the same payload,
 so parsing and decoding a hot entry once serves every later read of it, in every thread.
@@ -45,6 +53,7 @@ __all__ = [
     "Payloads",
     "new_token",
     "unwrap",
+    "unwrap_stamped",
     "wrap",
 ]
 
@@ -63,6 +72,10 @@ REMEMBERED_TOKENS = 8
 
 _SEPARATOR = b"|"
 
+#: A fingerprint's first characters name the model's *lineage* (class and table), the rest
+#: its shape: see :func:`declcache._codec.fingerprint`.
+LINEAGE_CHARS = 4
+
 
 class PayloadError(ValueError):
     """A stored value that is not a payload of this model, schema and format."""
@@ -73,12 +86,17 @@ def new_token() -> str:
     return secrets.token_hex(8)
 
 
-def wrap(payload: bytes) -> bytes:
-    """``payload`` in dogpile's layout, stamped with the current time.
+def wrap(payload: bytes, stamp: bytes = b"") -> bytes:
+    """``payload`` in dogpile's layout, stamped with the current time (and ``stamp``).
 
-    The metadata is what ``json.dumps({"ct": time.time(), "v": 2})`` writes (a float's
-    ``repr`` is its JSON text), built without the json module: it is on every fill's path.
+    ``stamp`` (a model's fingerprint) goes into the metadata as ``"fp"``: a reader checks
+    it before decoding anything, whatever format wrote the payload, and dogpile ignores it.
+    The metadata is what ``json.dumps({"ct": time.time(), "v": 2[, "fp": stamp]})`` writes
+    (a float's ``repr`` is its JSON text), built without the json module: it is on every
+    fill's path.
     """
+    if stamp:
+        return b'{"ct":%r,"v":%d,"fp":"%b"}|%b' % (time.time(), value_version, stamp, payload)
     return b'{"ct":%r,"v":%d}|%b' % (time.time(), value_version, payload)
 
 
@@ -86,6 +104,8 @@ def wrap(payload: bytes) -> bytes:
 #: the creation time out from between them instead of running a JSON parser on each read.
 _HEAD_START = b'{"ct":'
 _HEAD_END = b',"v":%d}' % value_version
+_STAMP_START = b',"v":%d,"fp":"' % value_version
+_STAMP_END = b'"}'
 
 
 def unwrap(raw: Any) -> tuple[float, bytes]:
@@ -94,17 +114,34 @@ def unwrap(raw: Any) -> tuple[float, bytes]:
     Raises:
         ValueError: ``raw`` is not in dogpile's layout (a foreign or corrupt value).
     """
+    created_at, _stamp, payload = unwrap_stamped(raw)
+    return created_at, payload
+
+
+def unwrap_stamped(raw: Any) -> tuple[float, bytes | None, bytes]:
+    """``(created_at, stamp, payload)`` of a stored value; ``stamp`` is ``None`` if unstamped.
+
+    Raises:
+        ValueError: ``raw`` is not in dogpile's layout (a foreign or corrupt value).
+    """
     if type(raw) is bytes and raw.startswith(_HEAD_START):
         cut = raw.find(_SEPARATOR)
-        if raw.endswith(_HEAD_END, 0, cut) and cut > len(_HEAD_START) + len(_HEAD_END):
-            text = raw[len(_HEAD_START) : cut - len(_HEAD_END)]
+        stamp = None
+        if raw.endswith(_HEAD_END, 0, cut):
+            end = cut - len(_HEAD_END)
+        else:
+            end = raw.find(_STAMP_START, 0, cut)
+            if end > 0 and raw.endswith(_STAMP_END, 0, cut):
+                stamp = raw[end + len(_STAMP_START) : cut - len(_STAMP_END)]
+        if end > len(_HEAD_START):
+            text = raw[len(_HEAD_START) : end]
             if text.replace(b".", b"", 1).isdigit():  # no sign, no exponent
-                return float(text), raw[cut + 1 :]
+                return float(text), stamp, raw[cut + 1 :]
     return _unwrap_any(raw)
 
 
-def _unwrap_any(raw: Any) -> tuple[float, bytes]:
-    """:func:`unwrap` for metadata in any JSON spelling, as other dogpile writers may use."""
+def _unwrap_any(raw: Any) -> tuple[float, bytes | None, bytes]:
+    """:func:`unwrap_stamped` for metadata in any JSON spelling, as other writers may use."""
     if isinstance(raw, str):
         raw = raw.encode()
     if not isinstance(raw, bytes):
@@ -120,7 +157,10 @@ def _unwrap_any(raw: Any) -> tuple[float, bytes]:
         raise ValueError("metadata without a creation time")
     if not math.isfinite(created_at):
         raise ValueError("metadata with a creation time that is not a number")
-    return float(created_at), payload
+    stamp = metadata.get("fp")
+    if stamp is not None and not isinstance(stamp, str):
+        raise ValueError("metadata with a fingerprint that is not a text")
+    return float(created_at), None if stamp is None else stamp.encode(), payload
 
 
 @dataclass(slots=True)
@@ -160,6 +200,8 @@ class Payloads:
 
     def __init__(self, fingerprint: str, format: SerializationFormat) -> None:
         self._fingerprint = fingerprint
+        self._stamp = fingerprint.encode("ascii")
+        self._lineage = self._stamp[:LINEAGE_CHARS]
         self._format = format
         # Writes take the lock; reads are plain look-ups of the caches' own dicts.
         self._parsed: cachetools.Cache[bytes, Payload] = cachetools.Cache(
@@ -179,7 +221,7 @@ class Payloads:
 
     def _bytes(self, data: list[Any]) -> bytes:
         encoded = self._format.dumps(data)
-        return wrap(encoded.encode() if isinstance(encoded, str) else encoded)
+        return wrap(encoded.encode() if isinstance(encoded, str) else encoded, self._stamp)
 
     def dump(self, generation: str, kind: str, *body: Any) -> bytes:
         """A payload of ``kind`` written under ``generation`` (a generation or list version)."""
@@ -214,7 +256,10 @@ class Payloads:
     def parse(self, raw: bytes | None) -> Payload | None:
         """The payload ``raw`` holds, whatever its generation and age; ``None`` if none.
 
-        A tombstone is ``None`` too: it holds nothing.
+        A tombstone is ``None`` too: it holds nothing. So is a payload another release of
+        this model wrote (same lineage, another fingerprint: another schema or format, as
+        while a deploy rolls): expected, so not an error; it is checked in the metadata,
+        before anything of it is decoded, and the reader's fill replaces it.
 
         Raises:
             PayloadError: ``raw`` is not a payload of this model, schema and format.
@@ -226,7 +271,14 @@ class Payloads:
         except (KeyError, TypeError):
             pass
         try:
-            created_at, payload = unwrap(raw)
+            created_at, stamp, payload = unwrap_stamped(raw)
+        except Exception as error:
+            raise PayloadError(repr(error)) from error
+        if stamp != self._stamp:
+            if stamp is not None and stamp[:LINEAGE_CHARS] == self._lineage:
+                return None  # another release of this model
+            raise PayloadError("a payload of another model, or not stamped by declcache")
+        try:
             data = self._format.loads(payload)
         except Exception as error:
             raise PayloadError(repr(error)) from error

@@ -6,7 +6,11 @@ cached (and a debug log says why) when:
 
 * it reads a table outside its model's tables (another model's changes would not reach it);
 * it holds textual SQL (the tables that text reads are unknown);
-* it calls a function whose result changes by itself (``now()``, ``random()``…);
+* it holds anything not known to be deterministic: statement caching is an allow-list
+  (columns, bound values, operators, ``IN``/``LIKE``/``CASE``/``CAST``, ``ORDER BY``,
+  ``LIMIT``/``OFFSET``, the model's tables, :data:`DETERMINISTIC_FUNCTIONS`), so
+  ``now()``, ``datetime('now')``, ``random()``, ``literal_column("…")`` and any construct
+  not listed are not cached, unless the statement carries :data:`CACHEABLE_OPTION`;
 * a bound parameter has no stable text (an object whose ``repr`` is its memory address):
   two equal queries would get two keys, or two different ones the same key.
 
@@ -29,9 +33,37 @@ from typing import TYPE_CHECKING, Any
 
 import cachetools
 from sqlalchemy.sql import visitors
-from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.elements import (
+    BinaryExpression,
+    BindParameter,
+    BooleanClauseList,
+    Case,
+    Cast,
+    ClauseList,
+    CollationClause,
+    ColumnClause,
+    ExpressionClauseList,
+    Extract,
+    False_,
+    Grouping,
+    Label,
+    Null,
+    TextClause,
+    True_,
+    Tuple,
+    TypeCoerce,
+    UnaryExpression,
+)
 from sqlalchemy.sql.functions import FunctionElement
-from sqlalchemy.sql.selectable import Alias, TableClause
+from sqlalchemy.sql.selectable import (
+    Alias,
+    CompoundSelect,
+    Exists,
+    Join,
+    ScalarSelect,
+    Select,
+    TableClause,
+)
 from sqlalchemy.sql.util import find_tables
 
 from declcache._private_apis import statement_cache_key
@@ -41,30 +73,112 @@ if TYPE_CHECKING:
     from sqlalchemy.sql import ClauseElement
     from sqlalchemy.sql.cache_key import CacheKey
 
-__all__ = ["SHAPES_KEPT", "VOLATILE_FUNCTIONS", "query_key"]
+__all__ = ["CACHEABLE_OPTION", "DETERMINISTIC_FUNCTIONS", "SHAPES_KEPT", "query_key"]
 
 logger = logging.getLogger("declcache.repository")
 
-#: SQL functions whose result changes between two runs of one statement.
-VOLATILE_FUNCTIONS = frozenset(
+#: SQL functions known to give the same result for the same arguments and rows. A function
+#: not named here (``now()``, ``datetime('now')``, ``unixepoch()``, ``random()``,
+#: ``curdate()``, ``getdate()``, a user's function…) makes a statement uncached, unless its
+#: ``GenericFunction`` class says ``declcache_deterministic = True`` or the statement is
+#: marked (:data:`CACHEABLE_OPTION`).
+DETERMINISTIC_FUNCTIONS = frozenset(
+    {
+        "abs",
+        "avg",
+        "ceil",
+        "ceiling",
+        "char_length",
+        "character_length",
+        "coalesce",
+        "concat",
+        "count",
+        "floor",
+        "greatest",
+        "ifnull",
+        "instr",
+        "least",
+        "length",
+        "lower",
+        "ltrim",
+        "max",
+        "min",
+        "mod",
+        "nullif",
+        "octet_length",
+        "position",
+        "replace",
+        "round",
+        "rtrim",
+        "sign",
+        "substr",
+        "substring",
+        "sum",
+        "trim",
+        "upper",
+    }
+)
+
+#: Functions known to change by themselves: named so in the debug log (any function not in
+#: :data:`DETERMINISTIC_FUNCTIONS` is refused anyway).
+_VOLATILE = frozenset(
     {
         "now",
         "random",
         "rand",
         "current_timestamp",
         "current_date",
-        "current_time",
-        "localtime",
-        "localtimestamp",
         "sysdate",
+        "getdate",
+        "curdate",
+        "unixepoch",
+        "datetime",
+        "date",
+        "time",
+        "julianday",
+        "strftime",
         "clock_timestamp",
         "statement_timestamp",
-        "transaction_timestamp",
-        "timeofday",
         "gen_random_uuid",
-        "uuid_generate_v4",
         "nextval",
+        "uuid",
     }
+)
+
+#: ``statement.execution_options(declcache_cacheable=True)``: the user vouches that the
+#: statement's result changes only with its model's rows (textual SQL, a function of theirs).
+CACHEABLE_OPTION = "declcache_cacheable"
+
+#: The constructs a cacheable statement is made of: selects of the model's tables, columns,
+#: bound values, operators, ``IN``, ``LIKE``, ``CASE``, ``CAST``, ``ORDER BY``, ``LIMIT``.
+#: Anything else (a window, ``literal_column``, textual SQL, a construct added by a future
+#: SQLAlchemy) is not known to be deterministic, so it is not cached.
+_DETERMINISTIC = (
+    Select,
+    CompoundSelect,
+    Exists,
+    ScalarSelect,
+    Alias,
+    TableClause,
+    Join,
+    ColumnClause,
+    BindParameter,
+    Null,
+    True_,
+    False_,
+    BinaryExpression,
+    BooleanClauseList,
+    ClauseList,
+    ExpressionClauseList,
+    UnaryExpression,
+    Grouping,
+    Label,
+    Tuple,
+    Case,
+    Cast,
+    TypeCoerce,
+    Extract,
+    CollationClause,
 )
 
 _PLAIN = (
@@ -118,19 +232,44 @@ def _read_tables(statement: ClauseElement) -> set[TableClause]:
     return tables
 
 
-def _check_inputs(statement: ClauseElement, tables: frozenset[TableClause]) -> None:
-    for element in visitors.iterate(statement):
-        if isinstance(element, TextClause):
-            raise UnkeyableError("it holds textual SQL, whose tables are unknown")
-        if isinstance(element, FunctionElement):
-            name = getattr(element, "name", "").lower()
-            if name in VOLATILE_FUNCTIONS:
-                raise UnkeyableError(f"{name}() changes between two runs")
+def _check_inputs(
+    statement: ClauseElement, tables: frozenset[TableClause], *, vouched: bool
+) -> None:
+    if not vouched:
+        for element in visitors.iterate(statement):
+            _check_deterministic(element)
     foreign = sorted(table.name for table in _read_tables(statement) - tables)
     if foreign:
         raise UnkeyableError(
             f"it reads {', '.join(foreign)}, whose changes do not reach this model's lists"
         )
+
+
+def _check_deterministic(element: Any) -> None:
+    """Refuse whatever is not on the allow-list: an unknown construct may read a clock."""
+    if isinstance(element, TextClause):
+        raise UnkeyableError("it holds textual SQL, whose tables and results are unknown")
+    if isinstance(element, FunctionElement):
+        name = str(getattr(element, "name", "")).lower()
+        if name not in DETERMINISTIC_FUNCTIONS and not getattr(
+            element, "declcache_deterministic", False
+        ):
+            why = (
+                "changes between two runs"
+                if name in _VOLATILE
+                else "is not known to be deterministic"
+            )
+            raise UnkeyableError(f"{name or type(element).__name__}() {why}")
+        return
+    if isinstance(element, ColumnClause) and element.is_literal and element.name != "*":
+        raise UnkeyableError(f"it holds raw SQL ({element.name!r} in literal_column)")
+    if not isinstance(element, _DETERMINISTIC) and not _is_label_reference(element):
+        raise UnkeyableError(f"it holds a {type(element).__name__}, not known to be deterministic")
+
+
+def _is_label_reference(element: Any) -> bool:
+    """``order_by("name")`` names a column of the statement: SQLAlchemy's private wrappers."""
+    return type(element).__name__ in {"_label_reference", "_textual_label_reference"}
 
 
 #: Statement shapes (SQL without its values) remembered with their compiled form.
@@ -149,7 +288,7 @@ def _analyze(
 ) -> Shape:
     """``(compiled, None)`` for a cacheable statement shape, else ``(None, reason)``."""
     try:
-        _check_inputs(statement, tables)
+        _check_inputs(statement, tables, vouched=_vouched(statement))
         return statement.compile(dialect=dialect, cache_key=cache_key), None
     except UnkeyableError as reason:
         return None, str(reason)
@@ -163,7 +302,7 @@ def _shape(statement: ClauseElement, dialect: Dialect, tables: frozenset[TableCl
     if cache_key is None:  # a construct SQLAlchemy does not cache either
         compiled, reason = _analyze(statement, dialect, tables, None)
         return compiled, reason, None if compiled is None else compiled.params
-    slot = (dialect, tables, cache_key.key)
+    slot = (dialect, tables, _vouched(statement), cache_key.key)
     with _shapes_lock:
         known = _shapes.get(slot)
     if known is None:
@@ -174,6 +313,12 @@ def _shape(statement: ClauseElement, dialect: Dialect, tables: frozenset[TableCl
     if compiled is None:
         return None, reason, None
     return compiled, None, compiled.construct_params(extracted_parameters=cache_key.bindparams)
+
+
+def _vouched(statement: ClauseElement) -> bool:
+    """Whether the statement carries :data:`CACHEABLE_OPTION` (not part of its cache key)."""
+    options = getattr(statement, "get_execution_options", None)
+    return options is not None and options().get(CACHEABLE_OPTION) is True
 
 
 def _translated(statement: ClauseElement, schemas: Mapping[str | None, str | None]) -> set[str]:

@@ -1,15 +1,17 @@
-"""Cache keys (issue 3 point 6): valid on every backend whatever the values, schema-fingerprinted.
+"""Cache keys (issue 3 point 6): valid on every backend whatever the values; fingerprints.
 
-A key is ``prefix + model + fingerprint + key fields = values``. Memcached refuses spaces,
+A key is ``prefix + model + key fields = values``. Memcached refuses spaces,
 control characters and keys over 250 bytes, so every key must be printable ASCII without
 spaces and at most 250 bytes, and distinct values must still give distinct keys.
 """
 
+import datetime as dt
 import os
 import subprocess
 import sys
 import textwrap
 import uuid
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +32,16 @@ from sqlalchemy import (
     Uuid,
     inspect,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, mapped_column
 
 import declcache
 from declcache import CacheManager, _codec
 from declcache._codec import CODEC_VERSION, fingerprint
-from declcache._keys import MAX_KEY_BYTES, KeyBuilder
+from declcache._keys import MAX_KEY_BYTES, KeyBuilder, _normalizer, collation_problem
+from declcache._meta import read_cache_meta
+from declcache._payload import LINEAGE_CHARS
+from declcache.exceptions import CacheMetaError
 
 
 def is_backend_safe(key: str) -> bool:
@@ -321,7 +327,7 @@ def fingerprint_of(
     )
     spec = CacheManager().spec(model)
     assert spec is not None
-    assert keys_of(model, serializer=spec.serializer).head.endswith(f":{spec.fingerprint}")
+    assert spec.fingerprint not in keys_of(model, serializer=spec.serializer).head  # payloads'
     return spec.fingerprint
 
 
@@ -415,7 +421,8 @@ def test_fingerprint_ignores_what_does_not_shape_a_row(make_base: Any) -> None:
     assert fingerprint_of(make_base, cache_meta={"ttl": 9, "cache_not_found": True}) == plain
 
 
-def test_schema_change_changes_every_key(make_base: Any) -> None:
+def test_schema_change_keeps_every_key_and_the_lineage(make_base: Any) -> None:
+    """Issue 14 point 12: two releases share keys and tokens; their payloads tell them apart."""
     old = make_model(make_base())
     new = make_model(
         make_base(),
@@ -424,8 +431,18 @@ def test_schema_change_changes_every_key(make_base: Any) -> None:
         note=mapped_column(Text, nullable=True),
     )
 
-    assert keys_of(old).entity_key(("id",), (1,)) != keys_of(new).entity_key(("id",), (1,))
-    assert keys_of(old).named_key("version") != keys_of(new).named_key("version")
+    assert keys_of(old).entity_key(("id",), (1,)) == keys_of(new).entity_key(("id",), (1,))
+    assert keys_of(old).generation_key == keys_of(new).generation_key
+    assert keys_of(old).list_version_key == keys_of(new).list_version_key
+    old_print, new_print = fingerprint(inspect(old), "json"), fingerprint(inspect(new), "json")
+    assert old_print != new_print
+    assert old_print[:LINEAGE_CHARS] == new_print[:LINEAGE_CHARS]
+
+
+def test_another_table_is_another_lineage(make_base: Any) -> None:
+    one = fingerprint_of(make_base)
+    other = fingerprint_of(make_base, table="items_v2")
+    assert one[:LINEAGE_CHARS] != other[:LINEAGE_CHARS]
 
 
 FINGERPRINT_MODULE = """
@@ -498,4 +515,75 @@ def test_fingerprint_and_keys_are_stable_across_processes(tmp_path: Path) -> Non
     imported, fingerprint, *keys = outputs[0]
     assert Path(imported) == Path(declcache.__file__)
     assert len(fingerprint) >= 8
-    assert all(fingerprint in key and is_backend_safe(key) for key in keys)
+    assert all(fingerprint not in key and is_backend_safe(key) for key in keys)
+
+
+# -- issue 14 point 8: a key as the column compares it -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("type_", "spellings"),
+    [
+        (Numeric(10, 2), [Decimal("1.50"), Decimal("1.5"), 1.5, "1.50", Decimal("15E-1")]),
+        (Numeric(40, 0), [Decimal("1E+2"), 100, "100", Decimal("100.000")]),
+        (Float(), [1.5, Decimal("1.50"), "1.5"]),
+        (Integer(), [7, "7", 7.0, Decimal("7.00")]),
+        (Boolean(), [True, 1]),
+        (
+            DateTime(timezone=True),
+            [
+                dt.datetime(2024, 1, 1, 12, tzinfo=dt.UTC),
+                dt.datetime(2024, 1, 1, 13, tzinfo=dt.timezone(dt.timedelta(hours=1))),
+            ],
+        ),
+        (String(50, collation="NOCASE"), ["Ada@Example.com", "ada@example.com", "ADA@EXAMPLE.COM"]),
+        (postgresql.CITEXT(), ["Ada@Example.com", "ada@example.com"]),
+    ],
+    ids=[
+        "numeric",
+        "numeric-wide",
+        "float",
+        "integer",
+        "boolean",
+        "timestamptz",
+        "nocase",
+        "citext",
+    ],
+)
+def test_every_spelling_of_a_value_is_one_key_text(type_: Any, spellings: list[Any]) -> None:
+    normalize = _normalizer(type_)
+    assert len({normalize(value) for value in spellings}) == 1
+
+
+def test_distinct_values_stay_distinct() -> None:
+    wide = _normalizer(Numeric(60, 40))
+    assert wide(Decimal("1." + "0" * 38 + "1")) != wide(Decimal(1))  # no 28-digit rounding
+    assert _normalizer(String(collation="NOCASE"))("Ä") != _normalizer(String(collation="NOCASE"))(
+        "ä"
+    )  # SQLite's NOCASE folds ASCII only
+    with pytest.raises(ValueError, match="whole number"):
+        _normalizer(Integer())(Decimal("7.5"))
+
+
+@pytest.mark.parametrize(
+    "collation", ["utf8mb4_general_ci", "und-u-ks-level2", "SQL_Latin1_General_CP1_CI_AS"]
+)
+def test_a_key_on_a_collation_that_cannot_be_reproduced_is_refused(
+    make_base: Any, collation: str
+) -> None:
+    base = make_base()
+    model = make_model(
+        base,
+        {"key_fields": ("email",)},
+        id=mapped_column(Integer, primary_key=True),
+        email=mapped_column(String(50, collation=collation), unique=True),
+    )
+    with pytest.raises(
+        CacheMetaError, match=r"key_fields: 'email' cannot be a cache key.*collation"
+    ):
+        read_cache_meta(inspect(model))
+
+
+@pytest.mark.parametrize("collation", ["C", "utf8mb4_bin", "en_US.utf8", "und-x-icu", "NOCASE"])
+def test_a_key_on_a_deterministic_or_known_collation_is_accepted(collation: str) -> None:
+    assert collation_problem(String(50, collation=collation)) is None

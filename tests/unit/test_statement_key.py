@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import logging
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -84,3 +85,53 @@ def test_unkeyable_statements_get_no_key_and_a_debug_log(
     for _ in range(2):  # also once its shape is remembered
         assert key(statement) is None
     assert sum(reason in record.getMessage() for record in caplog.records) == 2
+
+
+# -- issue 14 point 9: an allow-list ---------------------------------------------------------
+
+
+class Trusted(sa.sql.functions.GenericFunction[int]):
+    """A user's function that says it is deterministic."""
+
+    name = "my_hash"
+    inherit_cache = True
+    declcache_deterministic = True
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        sa.func.datetime("now") > Row.name,
+        sa.func.unixepoch() > Row.id,
+        sa.func.curdate() == Row.name,
+        sa.func.getdate() == Row.name,
+        sa.func.now() == Row.name,
+        sa.func.current_timestamp() == Row.name,
+        sa.literal_column("datetime('now')") == Row.name,
+        sa.func.row_number().over() == Row.id,
+    ],
+    ids=["datetime", "unixepoch", "curdate", "getdate", "now", "current_timestamp", "raw", "over"],
+)
+def test_what_is_not_known_to_be_deterministic_is_not_cached(condition: Any) -> None:
+    statement = sa.select(Row).where(condition)
+    for dialect in (PG, sqlite.dialect()):
+        assert key(statement, dialect) is None
+    assert key(statement.execution_options(declcache_cacheable=True)) is not None  # vouched
+
+
+def test_known_deterministic_constructs_are_cached() -> None:
+    statement = (
+        sa.select(Row)
+        .where(
+            sa.func.lower(sa.func.coalesce(Row.name, "")).like("a%"),
+            sa.or_(Row.id.in_([1, 2]), sa.not_(Row.id.between(5, 9))),
+            sa.case((Row.id > 1, "a"), else_="b") == "a",
+            sa.cast(Row.id, sa.String) != "3",
+            Trusted(Row.id) > 0,
+        )
+        .order_by(Row.id.desc())
+        .limit(5)
+        .offset(1)
+    )
+    assert key(statement) is not None
+    assert key(sa.select(sa.func.count()).select_from(Row)) is not None

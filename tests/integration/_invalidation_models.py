@@ -1,8 +1,8 @@
 """Models and helpers shared by the invalidation, stale-fill, backend-fault and backend tests.
 
 The models live in an importable module (not in a test file) so that a subprocess can import
-exactly the same classes: a model's cache keys hold a fingerprint of its module and name, so a
-second process only shares entries with the first if it maps the very same class.
+exactly the same classes: a payload carries a fingerprint of its model's shape, so a second
+process only reads the first one's entries if it maps the very same columns.
 
 Every table name starts with ``inv_``, so these tables never clash with other test modules'
 tables in the shared per-run PostgreSQL database.

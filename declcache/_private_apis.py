@@ -19,12 +19,14 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     import cachetools
-    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.engine import Connection, Dialect, Engine
     from sqlalchemy.orm import Session
+    from sqlalchemy.pool import PoolProxiedConnection
     from sqlalchemy.sql import ClauseElement
     from sqlalchemy.sql.cache_key import CacheKey
 
 __all__ = [
+    "after_dbapi_commit",
     "await_only",
     "cache_items",
     "dbm_opener",
@@ -94,6 +96,24 @@ def statement_cache_key(statement: ClauseElement) -> CacheKey | None:
     No public API gives it; it spares compiling a statement whose shape was seen before.
     """
     return statement._generate_cache_key()
+
+
+def after_dbapi_commit(dialect: Dialect, callback: Callable[[PoolProxiedConnection], None]) -> None:
+    """Call ``callback`` with the DBAPI connection right after ``dialect`` commits on it.
+
+    Wraps this dialect instance's ``do_commit``, which every root transaction's ``COMMIT``
+    goes through (``Connection.commit()``, ``engine.begin()``, a session's commit). No public
+    event runs after the database committed: ``ConnectionEvents.commit`` fires *before* the
+    ``COMMIT``. The connection passed is the pool's proxy, whose ``.info`` is its pool
+    record's. Wrap a dialect once: each call adds a layer.
+    """
+    original = dialect.do_commit
+
+    def do_commit(dbapi_connection: PoolProxiedConnection) -> None:
+        original(dbapi_connection)
+        callback(dbapi_connection)
+
+    dialect.do_commit = do_commit  # type: ignore[method-assign]
 
 
 def dbm_opener(backend: Any) -> Callable[[bool], Any]:

@@ -21,8 +21,7 @@ from sqlalchemy import create_engine, delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
-from declcache import CacheConfig, CacheManager, Lookup, setup_cache_listeners
-from declcache import _listeners as invalidation_module
+from declcache import CacheConfig, CacheManager, Lookup, _frames, setup_cache_listeners
 from tests.integration._invalidation_models import (
     Base,
     Document,
@@ -590,7 +589,7 @@ def test_clear_ignores_a_model_whose_registry_was_disposed() -> None:
 def test_sessions_without_a_manager_use_the_default_one(
     engine: Engine, writer: CacheManager, reader: Reader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(invalidation_module._state, "default", None)  # restored afterwards
+    monkeypatch.setitem(_frames._state, "default", None)  # restored afterwards
     setup_cache_listeners(default_manager=writer)
     warm(reader, (Item, 1))
     with Session(engine) as session:  # no cache_manager in session.info

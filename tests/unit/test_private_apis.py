@@ -24,6 +24,8 @@ from tests import _servers
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from sqlalchemy.pool import PoolProxiedConnection
+
 
 class Base(DeclarativeBase):
     pass
@@ -60,6 +62,33 @@ def test_held_connection_is_the_transactions_connection_with_its_options() -> No
         assert held.get_execution_options()["schema_translate_map"] == schemas
         session.begin_nested()
         assert _private_apis.held_connection(session, engine) is connection
+
+
+def test_after_dbapi_commit_runs_after_the_root_transactions_commit() -> None:
+    engine = create_engine("sqlite://")
+    untouched = create_engine("sqlite://")  # another dialect instance: not wrapped
+    seen: list[tuple[PoolProxiedConnection, bool]] = []
+    _private_apis.after_dbapi_commit(
+        engine.dialect,
+        lambda dbapi: seen.append((dbapi, dbapi.dbapi_connection.in_transaction)),  # type: ignore[union-attr]
+    )
+    with engine.connect() as connection:
+        connection.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+        connection.commit()
+        seen.clear()
+        connection.begin()
+        connection.exec_driver_sql("INSERT INTO t VALUES (1)")
+        assert seen == []  # nothing before the COMMIT
+        connection.commit()
+
+        assert len(seen) == 1
+        dbapi, still_open = seen[0]
+        assert dbapi is connection.connection
+        assert dbapi.info is connection.info  # the pool record's info: what waits there
+        assert not still_open  # called after the database committed
+    with untouched.begin() as other:
+        other.exec_driver_sql("SELECT 1")
+    assert len(seen) == 1
 
 
 def test_statement_cache_key_separates_shape_from_values() -> None:

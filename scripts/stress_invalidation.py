@@ -12,6 +12,16 @@ The commit log is a shared array, not a clock: after ``commit()`` returns, a wri
 ``committed[row]`` (the floor); a read that returns a version below its floor returned a row
 older than a commit that had returned before the read began: a stale read.
 
+Scenarios (``--scenario``) add the deployments that can race:
+
+* ``updates`` (default): ORM updates and ORM bulk ``UPDATE`` statements, as above;
+* ``cascades``: every ``--bulk-every``-th write deletes a parent row whose child (the row the
+  readers read) the *database* deletes (``ON DELETE CASCADE``, ``passive_deletes``); after that
+  commit returned, a read that still returns the child is stale;
+* ``bulk-mappings``: every ``--bulk-every``-th write is a legacy ``Session.bulk_update_mappings``;
+* ``fingerprints``: half the workers map the table with one column more (a rolling deploy:
+  two schema fingerprints in flight); a commit by either must reach the other's readers.
+
 Usage::
 
     python scripts/stress_invalidation.py --backend redis --cache 127.0.0.1:6379 \\
@@ -38,8 +48,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import String, create_engine, select, update
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy import ForeignKey, Integer, String, create_engine, select, update
+from sqlalchemy.orm import DeclarativeBase, Session, mapped_column, relationship
 
 from declcache import CacheConfig, CacheManager, setup_cache_listeners
 
@@ -75,6 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a reader sleeps up to this long between its SELECT and its cache fill, "
         "widening the stale-fill race the guard must win",
     )
+    parser.add_argument(
+        "--scenario",
+        choices=["updates", "cascades", "bulk-mappings", "fingerprints"],
+        default="updates",
+        help="what the writers do besides ORM updates (see the module doc)",
+    )
     parser.add_argument("--key-prefix", default=f"dcstress{secrets.token_hex(4)}:")
     parser.add_argument("--table", default="declcache_stress_rows")
     parser.add_argument("--seed", type=int, default=None)
@@ -88,23 +104,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --- shared by parent and workers ---------------------------------------------------------------
 
 
-def make_model(table: str) -> tuple[Any, Any]:
-    """The declarative base and the cached row model, mapped to ``table``."""
+@dataclass
+class Models:
+    """The declarative base, the cached row model and its (uncached) parent."""
+
+    base: Any
+    row: Any
+    parent: Any
+
+
+def make_models(table: str, *, extra_column: bool = True) -> Models:
+    """The models of ``table`` and its parents' table.
+
+    ``extra_column=False`` maps the row table without its ``extra`` column: another schema
+    fingerprint of the same table, as the previous release of a rolling deploy would have.
+    """
 
     class Base(DeclarativeBase):
         pass
 
-    class StressRow(Base):
-        __tablename__ = table
-
-        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
-        version: Mapped[int] = mapped_column(default=0)
-        note: Mapped[str] = mapped_column(String(40), default="")
-
-        class CacheMeta:
-            ttl = 300
-
-    return Base, StressRow
+    columns: dict[str, Any] = {
+        "__tablename__": table,
+        "id": mapped_column(Integer, primary_key=True, autoincrement=False),
+        "parent_id": mapped_column(
+            Integer, ForeignKey(f"{table}_parents.id", ondelete="CASCADE"), nullable=True
+        ),
+        "version": mapped_column(Integer, default=0),
+        "note": mapped_column(String(40), default=""),
+        "CacheMeta": type("CacheMeta", (), {"ttl": 300}),
+    }
+    if extra_column:
+        columns["extra"] = mapped_column(String(40), nullable=True)
+    row = type("StressRow", (Base,), columns)
+    parent = type(
+        "StressParent",
+        (Base,),
+        {
+            "__tablename__": f"{table}_parents",
+            "id": mapped_column(Integer, primary_key=True, autoincrement=False),
+            "rows": relationship(row, passive_deletes=True),
+        },
+    )
+    return Models(Base, row, parent)
 
 
 def cache_config(args: argparse.Namespace) -> CacheConfig:
@@ -130,6 +171,7 @@ class Shared:
     """What the parent shares with every worker process."""
 
     committed: Any  # multiprocessing Array: per row, the highest version whose commit returned
+    deleted: Any  # multiprocessing Array: per row, 1 once the commit deleting it returned
     start: Any  # multiprocessing Event: go
     results: Any  # multiprocessing Queue: one report per worker
 
@@ -140,7 +182,8 @@ class Context:
 
     args: argparse.Namespace
     committed: Any
-    model: Any
+    deleted: Any
+    models: Models
     engine: Any
     manager: CacheManager
     rng: random.Random
@@ -155,7 +198,10 @@ def worker(role: str, index: int, args: argparse.Namespace, shared: Shared) -> N
     """One writer or reader process; always reports one result dict, even on failure."""
     report: dict[str, Any] = {"role": role, "index": index, "ops": 0, "error": None}
     try:
-        _, model = make_model(args.table)
+        # a rolling deploy: odd workers run the previous release, without the extra column
+        previous = args.scenario == "fingerprints" and index % 2 == 1
+        models = make_models(args.table, extra_column=not previous)
+        model = models.row
         setup_cache_listeners()
         engine = create_engine(args.postgres, pool_size=2, max_overflow=0)
         manager = CacheManager(cache_config(args))
@@ -165,7 +211,8 @@ def worker(role: str, index: int, args: argparse.Namespace, shared: Shared) -> N
         context = Context(
             args=args,
             committed=shared.committed,
-            model=model,
+            deleted=shared.deleted,
+            models=models,
             engine=engine,
             manager=manager,
             rng=random.Random(seed),
@@ -183,35 +230,56 @@ def worker(role: str, index: int, args: argparse.Namespace, shared: Shared) -> N
 
 
 def write_loop(ctx: Context) -> None:
-    args, model, report = ctx.args, ctx.model, ctx.report
+    args, report = ctx.args, ctx.report
     report.update(writes=0, bulk_writes=0)
     while ctx.running():
         row_id = ctx.rng.randrange(args.rows)
-        bulk = args.bulk_every > 0 and report["ops"] % args.bulk_every == args.bulk_every - 1
+        special = args.bulk_every > 0 and report["ops"] % args.bulk_every == args.bulk_every - 1
         with Session(ctx.engine, info={"cache_manager": ctx.manager}) as session:
-            if bulk:  # ORM bulk UPDATE: invalidates the whole model (a new generation)
-                statement = (
-                    update(model)
-                    .where(model.id == row_id)
-                    .values(version=model.version + 1)
-                    .returning(model.version)
-                )
-                version = session.execute(statement).scalar_one()
-            else:
-                row = session.get(model, row_id, with_for_update=True)
-                row.version += 1
-                row.note = f"w{report['index']}-{report['ops']}"
-                version = row.version
+            version = _write(ctx, session, row_id, special=special)
             session.commit()
         # commit() returned: from now on no read that starts may see an older version.
-        with ctx.committed.get_lock():
-            ctx.committed[row_id] = max(ctx.committed[row_id], version)
+        if version is None:  # the parent, and with it the row, is gone
+            ctx.deleted[row_id] = 1
+        elif version > 0:
+            with ctx.committed.get_lock():
+                ctx.committed[row_id] = max(ctx.committed[row_id], version)
         report["ops"] += 1
-        report["bulk_writes" if bulk else "writes"] += 1
+        report["bulk_writes" if special else "writes"] += 1
+
+
+def _write(ctx: Context, session: Session, row_id: int, *, special: bool) -> int | None:
+    """One write of the scenario; the version it wrote, ``None`` for a deletion, 0 for none."""
+    model, scenario = ctx.models.row, ctx.args.scenario
+    if special and scenario == "cascades":  # the database deletes the row with its parent
+        parent = session.get(ctx.models.parent, row_id, with_for_update=True)
+        if parent is None:
+            return 0
+        session.delete(parent)
+        return None
+    if special and scenario in {"updates", "fingerprints"}:  # ORM bulk UPDATE: whole model
+        statement = (
+            update(model)
+            .where(model.id == row_id)
+            .values(version=model.version + 1)
+            .returning(model.version)
+        )
+        return int(session.execute(statement).scalar_one_or_none() or 0)
+    row = session.get(model, row_id, with_for_update=True)
+    if row is None:  # deleted by a cascade
+        return 0
+    version = int(row.version) + 1
+    note = f"w{ctx.report['index']}-{ctx.report['ops']}"
+    if special and scenario == "bulk-mappings":  # legacy bulk method, no unit of work
+        session.expunge(row)
+        session.bulk_update_mappings(model, [{"id": row_id, "version": version, "note": note}])
+    else:
+        row.version, row.note = version, note
+    return version
 
 
 def read_loop(ctx: Context) -> None:
-    args, model, manager, report = ctx.args, ctx.model, ctx.manager, ctx.report
+    args, model, manager, report = ctx.args, ctx.models.row, ctx.manager, ctx.report
     report.update(reads=0, list_reads=0, rows_checked=0, stale=0, samples=[])
     delay = args.loader_delay_ms / 1000
 
@@ -219,21 +287,30 @@ def read_loop(ctx: Context) -> None:
         if delay > 0:
             time.sleep(ctx.rng.uniform(0, delay))
 
-    def check(row_id: int, floor: int, seen: int, kind: str) -> None:
+    def check(row_id: int, floor: tuple[int, int], seen: Any, kind: str) -> None:
+        """Stale: a version below the floor, or a row whose deletion had committed."""
         report["rows_checked"] += 1
-        if seen >= floor:
+        version, gone = floor
+        if seen is None or (not gone and seen.version >= version):
             return
         report["stale"] += 1
         if len(report["samples"]) < SAMPLES:
             report["samples"].append(
-                {"row": row_id, "committed_before_read": floor, "seen": seen, "read": kind}
+                {
+                    "row": row_id,
+                    "committed_before_read": version,
+                    "deleted_before_read": bool(gone),
+                    "seen": seen.version,
+                    "read": kind,
+                }
             )
 
     while ctx.running():
         listing = args.list_every > 0 and report["ops"] % args.list_every == args.list_every - 1
         with Session(ctx.engine, info={"cache_manager": manager}) as session:
             if listing:
-                floors = ctx.committed[:]  # one locked copy, taken before the read starts
+                # locked copies, taken before the read starts
+                floors = list(zip(ctx.committed[:], ctx.deleted[:], strict=True))
 
                 def load_all(session: Session = session) -> list[Any]:
                     rows = list(session.scalars(select(model).order_by(model.id)))
@@ -241,18 +318,18 @@ def read_loop(ctx: Context) -> None:
                     return rows
 
                 for row in manager.load_list(model, "all", load_all):
-                    check(row.id, floors[row.id], row.version, "list")
+                    check(row.id, floors[row.id], row, "list")
                 report["list_reads"] += 1
             else:
                 row_id = ctx.rng.randrange(args.rows)
-                floor = ctx.committed[row_id]  # taken before the read starts
+                floor = (ctx.committed[row_id], ctx.deleted[row_id])  # before the read starts
 
                 def load_one(session: Session = session, row_id: int = row_id) -> Any:
                     row = session.get(model, row_id)
                     pause()
                     return row
 
-                check(row_id, floor, manager.load(model, row_id, load_one).version, "entity")
+                check(row_id, floor, manager.load(model, row_id, load_one), "entity")
                 report["reads"] += 1
         report["ops"] += 1
 
@@ -261,23 +338,27 @@ def read_loop(ctx: Context) -> None:
 
 
 def prepare_table(args: argparse.Namespace) -> None:
-    base, model = make_model(args.table)
+    models = make_models(args.table)
     engine = create_engine(args.postgres)
     try:
-        base.metadata.drop_all(engine)
-        base.metadata.create_all(engine)
+        models.base.metadata.drop_all(engine)
+        models.base.metadata.create_all(engine)
         with Session(engine) as session:
-            session.add_all(model(id=i, version=0, note="") for i in range(args.rows))
+            session.add_all(models.parent(id=i) for i in range(args.rows))
+            session.flush()
+            session.add_all(
+                models.row(id=i, parent_id=i, version=0, note="") for i in range(args.rows)
+            )
             session.commit()
     finally:
         engine.dispose()
 
 
 def drop_table(args: argparse.Namespace) -> None:
-    base, _ = make_model(args.table)
+    models = make_models(args.table)
     engine = create_engine(args.postgres)
     try:
-        base.metadata.drop_all(engine)
+        models.base.metadata.drop_all(engine)
     finally:
         engine.dispose()
 
@@ -301,7 +382,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the workers; return the summary."""
     context = multiprocessing.get_context("spawn")
     shared = Shared(
-        committed=context.Array("q", args.rows), start=context.Event(), results=context.Queue()
+        committed=context.Array("q", args.rows),
+        deleted=context.Array("b", args.rows),
+        start=context.Event(),
+        results=context.Queue(),
     )
     processes = [
         context.Process(target=worker, args=(role, index, args, shared), name=f"{role}-{index}")
@@ -351,6 +435,7 @@ def summarize(
     writes, bulk = total("writer", "writes"), total("writer", "bulk_writes")
     reads, lists = total("reader", "reads"), total("reader", "list_reads")
     return {
+        "scenario": args.scenario,
         "backend": args.backend,
         "cache": args.cache,
         "duration_s": round(elapsed, 2),

@@ -3,7 +3,9 @@
 Runs ``scripts/stress_invalidation.py`` small (a few seconds per backend); run the script
 itself for longer. It checks every read against the commit log (see the script's docstring)
 and exits 1 on any stale read. With fills made unconditional (the stale-fill guard removed)
-the same run finds stale reads within seconds, so a pass here is evidence, not luck.
+the same run finds stale reads within seconds, so a pass here is evidence, not luck. So do
+the scenarios of issue 14 on the tree before it: in 4 s on Redis, 311 stale reads with database
+cascades, 21 with ``bulk_update_mappings``, 158 with two fingerprints in flight.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "stress_invalidation.py"
 
 
-def run_stress(backend: str, address: tuple[str, int], postgres_url: str, prefix: str) -> Any:
+def run_stress(
+    backend: str, address: tuple[str, int], postgres_url: str, prefix: str, scenario: str
+) -> Any:
     host, port = address
     command = [
         sys.executable,
@@ -28,7 +32,8 @@ def run_stress(backend: str, address: tuple[str, int], postgres_url: str, prefix
         f"--cache={host}:{port}",
         f"--postgres={postgres_url}",
         f"--key-prefix={prefix}",
-        f"--table=inv_stress_{backend}",
+        f"--table=inv_stress_{backend}_{scenario.replace('-', '_')}",
+        f"--scenario={scenario}",
         "--duration=3",
         "--writers=2",
         "--readers=3",
@@ -44,12 +49,25 @@ def run_stress(backend: str, address: tuple[str, int], postgres_url: str, prefix
     return result.returncode, summary
 
 
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        "updates",
+        "cascades",  # the database deletes the rows the readers read
+        "bulk-mappings",  # legacy Session.bulk_update_mappings
+        "fingerprints",  # two releases of the model side by side
+    ],
+)
 @pytest.mark.parametrize("backend", ["redis", "memcached"])
 def test_no_read_after_a_commit_sees_an_older_version(
-    backend: str, postgres_url: str, key_prefix: str, request: pytest.FixtureRequest
+    backend: str,
+    scenario: str,
+    postgres_url: str,
+    key_prefix: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     address = request.getfixturevalue(f"{backend}_address")
-    returncode, summary = run_stress(backend, address, postgres_url, key_prefix)
+    returncode, summary = run_stress(backend, address, postgres_url, key_prefix, scenario)
     assert summary["worker_errors"] == []
     assert summary["stale_reads"] == 0, summary["stale_samples"]
     assert returncode == 0

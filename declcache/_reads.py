@@ -14,8 +14,12 @@ How a read stays correct (see docs/invalidation.md):
 * invalidating an entity overwrites its keys with a unique *tombstone*; a fill after a database
   read is a compare-and-set against exactly what the reader saw before querying, so a reader
   that queried before a commit can never write the old row over the commit's tombstone;
-* a fill is refused for a row read before the look-up (:mod:`declcache._freshness`) and for a
-  read that took longer than the ttl (the tombstones it raced with may have expired);
+* a fill is refused for a row read before the look-up or from a snapshot older than it
+  (:mod:`declcache._freshness`), and for a read that took longer than the ttl (the tombstones
+  it raced with may have expired);
+* a row read from a replica that declares a lag of ``L`` seconds is only filled over values
+  and tokens written more than ``L`` seconds before the look-up: a younger tombstone or token
+  marks a commit the replica may not have applied yet (see :func:`_lagging`);
 * every list payload carries the model's *list version* token, replaced on every change.
 """
 
@@ -33,10 +37,10 @@ from declcache._api import Lookup
 from declcache._codec import UnencodableValueError
 from declcache._driver import LOAD, Call
 from declcache._keys import match
-from declcache._payload import ENTITY, LIST, NOT_FOUND, POINTER, new_token
+from declcache._payload import ENTITY, LIST, NOT_FOUND, POINTER, new_token, unwrap
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
     from declcache._api import Ident, Swap
     from declcache._driver import Flow
@@ -67,11 +71,14 @@ class Ticket:
         generation: the model's generation token when looked up.
         observed: every key looked up, and the raw value it held.
         started: when the look-up began (monotonic).
+        tokens: the raw values of the generation token keys (``None`` where it was missing
+            and created): their write time bounds fills from a lagging replica.
     """
 
     generation: str
     observed: dict[str, bytes | None]
     started: float
+    tokens: Sequence[bytes | None] = ()
 
 
 class Probe(NamedTuple):
@@ -89,10 +96,19 @@ class Probe(NamedTuple):
 
 
 class ListProbe(NamedTuple):
-    """A cached query result (or ``Lookup.MISS``) and the list version it was looked up under."""
+    """A cached query result (or ``Lookup.MISS``) and the list version it was looked up under.
+
+    Attributes:
+        result: the cached result, or ``Lookup.MISS``.
+        version: the list version (``None`` when the backend was not asked).
+        tokens: the raw values of the list version keys, for a fill's replica-lag check.
+        started: when the look-up began (monotonic), for a fill's freshness check.
+    """
 
     result: Any
     version: str | None
+    tokens: Sequence[bytes | None] = ()
+    started: float = float("inf")
 
 
 def missed(idents: Sequence[Ident]) -> Probe:
@@ -166,7 +182,9 @@ def probe(cache: ModelCache, idents: Sequence[Ident]) -> Flow[Probe]:
         else:
             generation = yield from joined_token(cache, tokens, raws)
         stored = raws[len(tokens) :]
-        ticket = Ticket(generation, dict(zip(wanted, stored, strict=True)), started)
+        ticket = Ticket(
+            generation, dict(zip(wanted, stored, strict=True)), started, raws[: len(tokens)]
+        )
         parsed = [cache.current(raw, generation) for raw in stored]
         pointers = _pointers(cache, parsed)
         if pointers:
@@ -306,12 +324,54 @@ def _fill_swaps(
             cache.counters.add("fills_refused")
             continue
         writes = cache.entity_writes(ticket.generation, instance)
-        if writes is not None:
-            swaps.extend((key, ticket.observed.get(key), value) for key, value in writes.items())
+        if writes is None:
+            continue
+        expected = {key: ticket.observed.get(key) for key in writes}
+        if _lagging(cache, _freshness.replica_lag(instance), ticket, expected.values()):
+            cache.counters.add("fills_refused")
+            continue
+        swaps.extend((key, expected[key], value) for key, value in writes.items())
     if cache.spec.cache_not_found:
+        keys = [key for key in absent if key]
+        seen = [ticket.observed.get(key) for key in keys]
+        if keys and _lagging(cache, _freshness.replica_lag_seen(), ticket, seen):
+            cache.counters.add("fills_refused", len(keys))
+            return swaps
         not_found = cache.payloads.dump(ticket.generation, NOT_FOUND)
-        swaps.extend((key, ticket.observed.get(key), not_found) for key in absent if key)
+        swaps.extend((key, raw, not_found) for key, raw in zip(keys, seen, strict=True))
     return swaps
+
+
+def _lagging(
+    cache: ModelCache,
+    lag: float,
+    ticket: Ticket | ListProbe,
+    seen: Iterable[bytes | None],
+) -> bool:
+    """Whether a row read from a replica lagging by up to ``lag`` seconds may miss a commit.
+
+    That is, whether the look-up saw a value in the keys (a tombstone, above all) or a token
+    written less than ``lag`` seconds before it. An empty key means no commit for ttl +
+    grace seconds (a tombstone's life), so a lag longer than the ttl never fills. Wall
+    clocks of different hosts are compared here: the declared lag must cover their skew.
+    """
+    if lag <= 0:
+        return False
+    if lag >= cache.ttl:
+        return True
+    if None in ticket.tokens:
+        return True  # created by this very look-up: as young as can be
+    looked_up = time.time() - (time.monotonic() - ticket.started)
+    for raw in (*ticket.tokens, *seen):
+        if raw is None:
+            continue
+        try:
+            written = unwrap(raw)[0]
+        except ValueError:
+            return True  # a value of unknown age
+        if looked_up - written < lag:
+            return True
+    return False
 
 
 # -- query results --------------------------------------------------------------------------------
@@ -322,14 +382,18 @@ def probe_list(cache: ModelCache, query_key: str) -> Flow[ListProbe]:
     key = cache.keys.list_key(query_key)
     tokens = cache.keys.list_version_keys
     try:
+        started = time.monotonic()
         raws = yield Call("get_many", [*tokens, key])
         version = yield from joined_token(cache, tokens, raws)
     except Exception as error:
         cache.fault("get", error)
         return ListProbe(Lookup.MISS, None)
     cached = _listed(cache, cache.current(raws[-1], version))
-    cache.counters.add("misses" if cached is Lookup.MISS else "hits")
-    return ListProbe(cached, version)
+    if cached is not Lookup.MISS:
+        cache.counters.add("hits")
+        return ListProbe(cached, version)
+    cache.counters.add("misses")
+    return ListProbe(cached, version, raws[: len(tokens)], started)
 
 
 def _listed(cache: ModelCache, parsed: Payload | None) -> Any:
@@ -353,9 +417,33 @@ def load_list(cache: ModelCache, query_key: str, seen: ListProbe | None) -> Flow
     if seen.result is not Lookup.MISS:
         return seen.result
     result = yield Call(LOAD)
-    if seen.version is not None:
+    if seen.version is not None and _list_fresh(cache, seen, result):
         yield from _store_list(cache, cache.keys.list_key(query_key), seen.version, result)
     return result
+
+
+def _list_fresh(cache: ModelCache, seen: ListProbe, result: Any) -> bool:
+    """Whether a loaded query result may be cached under the version the look-up saw.
+
+    Its instances must have been read after the look-up, from a view no older than it, and
+    no replica they came from may lag a version change. A count or an empty list names no
+    session: the largest lag any replica of this process declared bounds it.
+    """
+    items = result if isinstance(result, list) else []
+    if not all(_freshness.read_since(item, seen.started) for item in items if _mapped(item)):
+        logger.debug("%s list not cached: read before the cache look-up", cache.name)
+        cache.counters.add("fills_refused")
+        return False
+    lags = [_freshness.replica_lag(item) for item in items if _mapped(item)]
+    lag = max(lags) if lags else _freshness.replica_lag_seen()
+    if _lagging(cache, lag, seen, ()):
+        cache.counters.add("fills_refused")
+        return False
+    return True
+
+
+def _mapped(item: Any) -> bool:
+    return hasattr(item, "_sa_instance_state")
 
 
 def _store_list(cache: ModelCache, key: str, version: str, result: Any) -> Flow[None]:

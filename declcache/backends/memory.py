@@ -4,11 +4,21 @@ dogpile's memory backend keeps whatever it is given as ``cache_dict`` forever; a
 process caching a large table would grow without end. declcache hands it a
 :class:`BoundedDict` of ``DECLCACHE_MEMORY_MAX_ENTRIES`` entries instead (unless the arguments
 name a ``cache_dict`` of their own), shared by every model of one manager.
+
+Its eviction keeps the guards of the stale-fill race: a tombstone (or token) evicted while a
+reader is between its look-up and its fill would let that reader's compare-and-set, which
+expects the key empty, store the old row. So entries (what fills write) are evicted first,
+and a *marker* (what :meth:`MemoryStore.write_many` and :meth:`MemoryStore.add` write:
+tombstones, tokens, and conservatively list results and warmed entries) only when no entry
+is left; then the oldest marker goes, which is harmless once its ttl has passed (no read in
+flight is that old) and otherwise counted in :attr:`BoundedDict.guard_evictions`.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import cachetools
@@ -35,7 +45,9 @@ class BoundedDict(cachetools.LRUCache[str, Any]):
     """cachetools' LRU cache, safe between threads, that counts what it drops.
 
     A read or write makes a key the most recently used; a write beyond ``maxsize`` keys drops
-    the least recently used one first, so the bound holds at every moment.
+    the least recently used *entry* first, so the bound holds at every moment. Keys written
+    with :meth:`mark` (tombstones, tokens) are dropped only when no entry is left, the
+    oldest marked first: entries go before the markers that guard them.
 
     Args:
         maxsize: how many keys it keeps.
@@ -51,7 +63,11 @@ class BoundedDict(cachetools.LRUCache[str, Any]):
         self._lock = threading.RLock()
         self._items = cache_items(self)
         self._order = lru_order(self)
+        #: Marked keys, oldest marked first, and when each may go (monotonic).
+        self._markers: OrderedDict[str, float] = OrderedDict()
         self.evictions = 0
+        #: Markers evicted before their ttl ran out: a reader in flight could have needed one.
+        self.guard_evictions = 0
 
     @property
     def max_entries(self) -> int:
@@ -65,10 +81,21 @@ class BoundedDict(cachetools.LRUCache[str, Any]):
     def __setitem__(self, key: str, value: Any) -> None:
         with self._lock:
             super().__setitem__(key, value)
+            self._markers.pop(key, None)
 
     def __delitem__(self, key: str) -> None:
         with self._lock:
             super().__delitem__(key)
+            self._markers.pop(key, None)
+
+    def mark(self, key: str, value: Any, ttl: float) -> None:
+        """Write ``value`` as a marker that guards entries: kept while any entry is left.
+
+        ``ttl``: seconds it is needed; after that it is the first marker to go.
+        """
+        with self._lock:
+            self[key] = value
+            self._markers[key] = time.monotonic() + ttl
 
     def __contains__(self, key: object) -> bool:
         with self._lock:
@@ -112,11 +139,32 @@ class BoundedDict(cachetools.LRUCache[str, Any]):
             return super().pop(key, *default)
 
     def popitem(self) -> tuple[str, Any]:
-        """Drop the least recently used key: how the bound is kept, hence counted."""
+        """Drop the least recently used entry, else the oldest marker; counted.
+
+        Markers met while looking for an entry are moved to the recent end, so the next
+        eviction does not walk over them again.
+        """
         with self._lock:
-            item = super().popitem()
+            markers = self._markers
+            if not self._items:
+                raise KeyError("popitem(): the cache is empty")
+            if len(markers) < len(self._items):
+                skipped = []
+                victim = ""
+                for key in self._order:
+                    if key not in markers:
+                        victim = key
+                        break
+                    skipped.append(key)
+                for key in skipped:
+                    self._order.move_to_end(key)
+            else:
+                victim, until = next(iter(markers.items()))
+                if until > time.monotonic():
+                    self.guard_evictions += 1
+            value = self.pop(victim)
             self.evictions += 1
-            return item
+            return victim, value
 
 
 class MemoryStore:
@@ -135,17 +183,28 @@ class MemoryStore:
         return [get(key) for key in keys]
 
     def write_many(self, entries: Sequence[Write]) -> None:
-        """Write under the lock so a concurrent compare-and-set sees all or nothing."""
-        with self._lock:
-            for key, value, _ in entries:
-                self._data[key] = value
+        """Write under the lock so a concurrent compare-and-set sees all or nothing.
 
-    def add(self, key: str, value: bytes, ttl: int) -> bool:  # noqa: ARG002
-        """Set if absent, under the lock."""
+        What is written this way (tombstones, tokens, lists) is kept as a marker in a
+        :class:`BoundedDict`: evicted after every entry.
+        """
+        with self._lock:
+            for key, value, ttl in entries:
+                self._put_marker(key, value, ttl)
+
+    def _put_marker(self, key: str, value: bytes, ttl: int) -> None:
+        data = self._data
+        if type(data) is BoundedDict:
+            data.mark(key, value, ttl)
+        else:
+            data[key] = value
+
+    def add(self, key: str, value: bytes, ttl: int) -> bool:
+        """Set if absent, under the lock; a marker (a token), as :meth:`write_many`."""
         with self._lock:
             if key in self._data:
                 return False
-            self._data[key] = value
+            self._put_marker(key, value, ttl)
             return True
 
     def compare_and_set(self, swaps: Sequence[Swap], ttl: int) -> list[bool]:  # noqa: ARG002

@@ -32,6 +32,8 @@ from sqlalchemy import event, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapper, Session
 
+from declcache._private_apis import sqlite_in_transaction
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -126,19 +128,6 @@ def _transaction_began(
         held[1].append(connection)
 
 
-def _sqlite_in_transaction(connection: Connection) -> bool | None:
-    """Whether SQLite holds a transaction open on ``connection``; ``None`` if it cannot tell.
-
-    pysqlite's ``Connection.in_transaction``; aiosqlite's adapter keeps the aiosqlite
-    connection, which has the same property, as ``_connection``.
-    """
-    dbapi: Any = connection.connection.dbapi_connection
-    found = getattr(dbapi, "in_transaction", None)
-    if found is None:
-        found = getattr(getattr(dbapi, "_connection", None), "in_transaction", None)
-    return found if isinstance(found, bool) else None
-
-
 def _before_statement(connection: Connection, _cursor: Any, statement: str, *_rest: Any) -> None:
     """Stamp when the connection's transaction may have taken its snapshot.
 
@@ -152,7 +141,7 @@ def _before_statement(connection: Connection, _cursor: Any, statement: str, *_re
     if connection.dialect.name == "sqlite":
         # A statement run outside a transaction may open one (pysqlite before a write, or
         # the BEGIN recipe): its snapshot is no older than now.
-        if not _sqlite_in_transaction(connection):
+        if not sqlite_in_transaction(connection):
             info[_SNAPSHOT_SINCE] = time.monotonic()
     elif _SNAPSHOT_SINCE not in info:
         info[_SNAPSHOT_SINCE] = time.monotonic()
@@ -195,7 +184,7 @@ def install() -> None:
 def _keeps_snapshot(connection: Connection, options: Mapping[str, Any]) -> bool:
     """Whether the open transaction of ``connection`` may read a snapshot (unless known not)."""
     if connection.dialect.name == "sqlite":
-        return _sqlite_in_transaction(connection) is not False  # SQLite's are snapshots
+        return sqlite_in_transaction(connection) is not False  # SQLite's are snapshots
     info = connection.info
     level = info.get(_TRANSACTION_LEVEL) or info.get(_SESSION_LEVEL)
     if level is None:

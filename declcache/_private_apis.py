@@ -37,6 +37,7 @@ __all__ = [
     "session_is_clean",
     "set_push_handler",
     "socket_of",
+    "sqlite_in_transaction",
     "statement_cache_key",
 ]
 
@@ -88,6 +89,21 @@ def held_connection(session: Session, bind: Engine | Connection) -> Connection |
         return None
     held = transaction._connections.get(bind)
     return None if held is None else held[0]
+
+
+def sqlite_in_transaction(connection: Connection) -> bool | None:
+    """Whether SQLite holds a transaction open on ``connection``; ``None`` if it cannot tell.
+
+    pysqlite's public ``Connection.in_transaction``; SQLAlchemy's aiosqlite adapter keeps the
+    aiosqlite connection, which has the same property, as ``_connection``. A transaction
+    begun by SQL (the pysqlite ``BEGIN`` recipe) is known only to the DBAPI connection, and a
+    fill must not come from its snapshot when it is older than the cache look-up.
+    """
+    dbapi: Any = connection.connection.dbapi_connection
+    found = getattr(dbapi, "in_transaction", None)
+    if found is None:
+        found = getattr(getattr(dbapi, "_connection", None), "in_transaction", None)
+    return found if isinstance(found, bool) else None
 
 
 def statement_cache_key(statement: ClauseElement) -> CacheKey | None:

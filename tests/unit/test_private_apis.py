@@ -15,6 +15,7 @@ import pytest
 from dogpile.cache import make_region
 from dogpile.cache import region as dogpile_region
 from sqlalchemy import Integer, create_engine, select
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.util import greenlet_spawn
 
@@ -24,6 +25,7 @@ from tests import _servers
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from sqlalchemy.engine import Connection
     from sqlalchemy.pool import PoolProxiedConnection
 
 
@@ -89,6 +91,31 @@ def test_after_dbapi_commit_runs_after_the_root_transactions_commit() -> None:
     with untouched.begin() as other:
         other.exec_driver_sql("SELECT 1")
     assert len(seen) == 1
+
+
+def test_sqlite_in_transaction_tells_a_transaction_begun_by_sql() -> None:
+    engine = create_engine("sqlite://")
+    with engine.connect() as connection:
+        _check_sqlite_in_transaction(connection)
+
+
+def test_sqlite_in_transaction_reaches_through_the_aiosqlite_adapter() -> None:
+    async def check() -> None:
+        engine = create_async_engine("sqlite+aiosqlite://")
+        async with engine.connect() as connection:
+            await connection.run_sync(_check_sqlite_in_transaction)
+        await engine.dispose()
+
+    asyncio.run(check())
+
+
+def _check_sqlite_in_transaction(connection: Connection) -> None:
+    """A transaction begun by SQL, as the pysqlite ``BEGIN`` recipe begins it."""
+    assert _private_apis.sqlite_in_transaction(connection) is False
+    connection.exec_driver_sql("BEGIN")
+    assert _private_apis.sqlite_in_transaction(connection) is True
+    connection.exec_driver_sql("COMMIT")
+    assert _private_apis.sqlite_in_transaction(connection) is False
 
 
 def test_statement_cache_key_separates_shape_from_values() -> None:

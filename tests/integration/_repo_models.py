@@ -14,6 +14,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from declcache.repository import SQLAlchemyAsyncRepository, SQLAlchemySyncRepository
 
 if TYPE_CHECKING:
+    from declcache.config import SQLAlchemySyncConfig
     from tests.integration.conftest import StatementLog
 
 
@@ -146,3 +147,10 @@ def values(item: Any) -> dict[str, Any]:
     from sqlalchemy import inspect
 
     return {attr.key: getattr(item, attr.key) for attr in inspect(type(item)).column_attrs}
+
+
+def seed(db: SQLAlchemySyncConfig, *items: Any) -> None:
+    """Insert rows through a plain session (not a repository)."""
+    with db.get_session() as session:
+        session.add_all(items)
+        session.commit()

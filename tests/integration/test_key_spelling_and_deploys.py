@@ -26,6 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from declcache import NotFoundError
 from declcache.config import SQLAlchemySyncConfig
 from declcache.repository import SQLAlchemySyncRepository
+from tests.integration._repo_models import seed
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -144,12 +145,6 @@ def db(db_url: str, cache_config: CacheConfig) -> Iterator[SQLAlchemySyncConfig]
 @pytest.fixture
 def sent(db: SQLAlchemySyncConfig, statements: Callable[..., StatementLog]) -> StatementLog:
     return statements(db.engine)
-
-
-def seed(db: SQLAlchemySyncConfig, *items: Any) -> None:
-    with db.get_session() as session:
-        session.add_all(items)
-        session.commit()
 
 
 def reads(

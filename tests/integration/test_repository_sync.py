@@ -30,6 +30,7 @@ from tests.integration._repo_models import (
     Probe,
     ProbeRepo,
     reset_factories,
+    seed,
     selects,
     values,
 )
@@ -69,13 +70,6 @@ def db(db_url: str, cache_config: CacheConfig) -> Iterator[SQLAlchemySyncConfig]
 @pytest.fixture
 def sent(db: SQLAlchemySyncConfig, statements: Callable[..., StatementLog]) -> StatementLog:
     return statements(db.engine)
-
-
-def seed(db: SQLAlchemySyncConfig, *items: Any) -> None:
-    """Insert rows through a plain session (not a repository)."""
-    with db.get_session() as session:
-        session.add_all(items)
-        session.commit()
 
 
 def authors(db: SQLAlchemySyncConfig, count: int) -> list[Author]:

@@ -290,10 +290,11 @@ def hold(held: str, manager: CacheManager, other: CacheManager, widget: Widget) 
         assert manager.set(Widget, widget) is True
         fresh = cache.store.get_many([key])[0]
         if fresh is not None:  # the null backend keeps nothing
-            created_at, payload = _payload.unwrap(fresh)
-            stale = b'{"ct":%r,"v":%d}|%b' % (
+            created_at, stamp, payload = _payload.unwrap_stamped(fresh)
+            stale = b'{"ct":%r,"v":%d,"fp":"%b"}|%b' % (
                 created_at - 2 * cache.ttl,
                 _payload.value_version,
+                stamp or b"",
                 payload,
             )
             cache.store.write_many([(key, stale, cache.server_ttl)])
@@ -719,7 +720,8 @@ class StoredBytesChecks:
             assert separator
             assert stored.startswith(b'{"ct":')  # dogpile's metadata comes first
             metadata = json.loads(head)
-            assert set(metadata) == {"ct", "v"}
+            # an entity's metadata also names its schema fingerprint; a token's does not
+            assert set(metadata) in ({"ct", "v"}, {"ct", "v", "fp"})
             assert isinstance(metadata["ct"], float)
             # nothing a pickle starts with (PROTO 0x80) or holds in protocol 2+: plain ASCII
             assert stored.isascii()

@@ -185,7 +185,8 @@ def _old_and_new(instance: object, fields: tuple[str, ...]) -> set[tuple[Any, ..
 
 def pending_changes(session: Session) -> list[Changes]:
     """The changes of every frame still open in ``session``, outermost first."""
-    return [changes for _, changes in session.info.get(_FRAMES_KEY, ())]
+    frames = session.info.get(_FRAMES_KEY)
+    return [changes for _, changes in frames] if frames else []
 
 
 def _inside(transaction: SessionTransaction | None, ancestor: SessionTransaction) -> bool:

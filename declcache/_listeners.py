@@ -107,8 +107,11 @@ def has_uncommitted_changes(session: Session, model: type) -> bool:
     That includes changes its earlier ``commit()`` left waiting for an outer database
     transaction of the connection it is bound to.
     """
-    for changes in [*pending_changes(session), *_outer_commit.deferred_changes(session)]:
-        if any(issubclass(changed, model) or issubclass(model, changed) for changed in changes):
+    pending = pending_changes(session)
+    if _outer_commit.ever_deferred():
+        pending += _outer_commit.deferred_changes(session)
+    for changes in pending:
+        if any(issubclass(c, model) or issubclass(model, c) for c in changes):
             return True
     return False
 

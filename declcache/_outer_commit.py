@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "defer_to_outer_commit",
     "deferred_changes",
+    "ever_deferred",
     "forget_connections",
     "note_connection",
     "pool_reset",
@@ -45,6 +46,8 @@ _DEFERRED_KEY = "_declcache_deferred_invalidations"
 #: Dialects whose ``do_commit`` applies deferred changes after the database commit.
 _hooked_dialects: weakref.WeakSet[Dialect] = weakref.WeakSet()
 _hook_lock = threading.Lock()
+#: Set once any change waited for an outer commit in this process.
+_ever_deferred = threading.Event()
 logger = logging.getLogger("declcache.listeners")
 
 
@@ -77,8 +80,19 @@ def _deferred(connection: Connection) -> list[tuple[CacheManager, Changes]]:
     return waiting
 
 
+def ever_deferred() -> bool:
+    """Whether any change ever waited for an outer commit in this process (else: none waits)."""
+    return _ever_deferred.is_set()
+
+
 def deferred_changes(session: Session) -> list[Changes]:
-    """What ``session``'s earlier commits left waiting on the connections it runs on."""
+    """What ``session``'s earlier commits left waiting on the connections it runs on.
+
+    Asked on every cached read; free in a process that never joined a session to an outer
+    transaction (the connections' ``info`` is not even looked at).
+    """
+    if not _ever_deferred.is_set():
+        return []
     return [
         changes for connection in _connections_of(session) for _, changes in _deferred(connection)
     ]
@@ -99,6 +113,7 @@ def defer_to_outer_commit(session: Session, manager: CacheManager, changes: Chan
 
 def _defer(connection: Connection, manager: CacheManager, changes: Changes) -> None:
     """Keep ``changes`` until ``connection``'s root transaction commits in the database."""
+    _ever_deferred.set()
     connection.info.setdefault(_DEFERRED_KEY, []).append((manager, changes))
     dialect = connection.dialect
     with _hook_lock:

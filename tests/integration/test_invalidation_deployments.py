@@ -405,6 +405,7 @@ print(json.dumps({"configured_before": configured, "result": result}))
 
 
 @pytest.mark.parametrize("action", ["clear", "core_update"])
+@pytest.mark.parametrize("cache_backend", ["redis", "memcached"])  # shared by two processes
 def test_a_fresh_process_invalidates_before_any_query(  # noqa: PLR0917 - fixtures
     engine: Engine,
     reads: Reads,
@@ -413,8 +414,6 @@ def test_a_fresh_process_invalidates_before_any_query(  # noqa: PLR0917 - fixtur
     cache_config: CacheConfig,
     action: str,
 ) -> None:
-    if cache_backend == "memory":
-        pytest.skip("a second process shares nothing with the memory backend")
     warm(lambda: reads.get(GadgetRepo, 1))
     config = {
         "backend": cache_config.backend,

@@ -378,14 +378,11 @@ class KeyBuilder:
     Args:
         prefix: the manager's key prefix.
         mapper: the model's mapper.
-        fingerprint: the model's schema fingerprint (the spec's). Not part of any key:
-            payloads carry it, so that two releases of a model share keys and tokens.
         key_sets: the ``key_fields`` sets naming one entity besides the primary key.
         scope: the scope the keys belong to.
     """
 
     __slots__ = (
-        "_fingerprint",
         "_mapper",
         "_prefix",
         "_shapes",
@@ -405,13 +402,11 @@ class KeyBuilder:
         self,
         prefix: str,
         mapper: Mapper[Any],
-        fingerprint: str,
         key_sets: Sequence[KeySet] = (),
         scope: Scope = UNSCOPED,
     ) -> None:
         self._mapper = mapper
         self._prefix = prefix
-        self._fingerprint = fingerprint
         self.scope = scope
         schema_head = f"{prefix}{_encode_value(mapper.class_.__name__)}"
         if scope.schema:
@@ -444,7 +439,7 @@ class KeyBuilder:
         if scope == self.scope:
             return self
         key_sets = self.key_sets[1:]
-        return KeyBuilder(self._prefix, self._mapper, self._fingerprint, key_sets, scope)
+        return KeyBuilder(self._prefix, self._mapper, key_sets, scope)
 
     def _shape(self, fields: KeySet) -> tuple[str, tuple[Callable[[Any], str], ...]]:
         try:

@@ -169,7 +169,7 @@ class CacheManager:
             astore = AsyncNearStore(store)
         return ModelCache(
             spec,
-            KeyBuilder(self._config.key_prefix, inspect(model), spec.fingerprint, spec.key_fields),
+            KeyBuilder(self._config.key_prefix, inspect(model), spec.key_fields),
             region,
             GuardedStore(store, self._breaker),
             AsyncGuardedStore(astore, self._breaker),

@@ -253,7 +253,7 @@ def invalidate(
         new_console().print(f"{model.__name__} is not cached: nothing to invalidate", markup=False)
         return
     mapper: Mapper[Any] = sa_inspect(model)
-    builder = KeyBuilder(config.key_prefix, mapper, spec.fingerprint, spec.key_fields)
+    builder = KeyBuilder(config.key_prefix, mapper, spec.key_fields)
     given = _keys_given(mapper, keys or [], json_keys or [], fields or [])
     named = [(ident, _checked(builder, mapper, text, ident)) for text, ident in given]
     where = _scope_text(scope, schema or "")

@@ -46,7 +46,7 @@ def named_scopes(request: pytest.FixtureRequest) -> bool:
 def cache(named_scopes: bool) -> ModelCache:
     spec = CacheManager().spec(Member)
     assert spec is not None
-    keys = KeyBuilder("t:", inspect(Member), spec.fingerprint, spec.key_fields)
+    keys = KeyBuilder("t:", inspect(Member), spec.key_fields)
     return ModelCache(
         spec,
         keys,

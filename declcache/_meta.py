@@ -121,6 +121,27 @@ def _check_collations(mapper: Mapper[Any], fields: Sequence[str]) -> None:
             raise _InvalidError(f"{field!r} cannot be a cache key: {problem}")
 
 
+def _relationship_names(value: Any, mapper: Mapper[Any] | None) -> tuple[str, ...]:
+    """Normalise ``"posts"`` or ``("posts", "author")``: relationships cached as member ids.
+
+    With a model, each name must be a relationship it can serve from the cache: a
+    collection (one-to-many, many-to-many over a plain association table) or a many-to-one
+    that references its target's primary key.
+    """
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (tuple, list)) or not all(isinstance(name, str) for name in value):
+        raise _InvalidError(f"expected a tuple of relationship names, got {value!r}")
+    if mapper is not None:
+        from declcache._associations import relationship_problem  # noqa: PLC0415 - cycle
+
+        for name in value:
+            problem = relationship_problem(mapper, name)
+            if problem is not None:
+                raise _InvalidError(problem)
+    return tuple(dict.fromkeys(value))
+
+
 def _key_fields(value: Any, mapper: Mapper[Any] | None) -> KeySets:
     """Normalise ``"email"``, ``("email",)`` or ``(("email",), ("org", "slug"))``.
 
@@ -198,6 +219,18 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("key_fields", _key_fields, (), "the unique keys an entity is cached under"),
     Option("cache_not_found", _boolean, False, "whether a lookup that finds no row is cached"),
+    Option(
+        "cached_relationships",
+        _relationship_names,
+        (),
+        "relationships served from the cache, collections as their members' ids",
+    ),
+    Option(
+        "allow_pickle",
+        _boolean,
+        False,
+        "whether PickleType columns may be cached (a cache writer could run code)",
+    ),
 )
 _OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -283,6 +316,8 @@ class ModelSpec:
         format: the format object.
         key_fields: every key naming one entity; the primary key comes first.
         cache_not_found: whether a missing key is cached too.
+        cached_relationships: relationships read through the cache (member ids).
+        allow_pickle: whether PickleType columns are cached (unpickled on a hit).
         fingerprint: hash of the model's schema and format, part of every key.
         sources: for each option, where its value came from.
     """
@@ -294,6 +329,8 @@ class ModelSpec:
     format: SerializationFormat
     key_fields: KeySets
     cache_not_found: bool
+    cached_relationships: tuple[str, ...]
+    allow_pickle: bool
     fingerprint: str
     sources: Mapping[str, str]
 

@@ -77,6 +77,8 @@ def test_cache_meta_is_read_with_every_documented_attribute(base: type[Declarati
             serializer = "json"
             key_fields = ("email",)
             cache_not_found = True
+            cached_relationships = ()
+            allow_pickle = False
 
     configure_mappers()
     spec = spec_of(User)
@@ -89,6 +91,7 @@ def test_cache_meta_is_read_with_every_documented_attribute(base: type[Declarati
         True,
     )
     assert spec.key_fields == (("id",), ("email",))
+    assert (spec.cached_relationships, spec.allow_pickle) == ((), False)
     assert spec.primary_key == ("id",)
     assert {origin(source) for source in spec.sources.values()} == {"User.CacheMeta"}
     assert CacheManager().is_cached(User)
@@ -216,6 +219,8 @@ def test_nested_cache_meta_overrides_its_parent_field_by_field(
         "serializer": "Cached.CacheMeta",
         "cache_not_found": "Cached.CacheMeta",
         "enabled": "default",
+        "cached_relationships": "default",
+        "allow_pickle": "default",
     }
 
 
@@ -352,7 +357,7 @@ def test_key_field_that_is_a_sql_expression_is_rejected(base: type[DeclarativeBa
         pytest.param(
             {"colour": "red"},
             "colour",
-            "(known: ttl, enabled, serializer, key_fields, cache_not_found)",
+            "(known: ttl, enabled, serializer, key_fields, cache_not_found, cached_relationships, allow_pickle)",
             id="unknown-attribute",
         ),
         pytest.param(
@@ -660,7 +665,13 @@ def test_defaults_are_the_tables_or_the_setting_it_names(base: type[DeclarativeB
 
     constants = {o.name: o.default for o in OPTIONS if not isinstance(o.default, FromSetting)}
     settings = {o.name: o.default.field for o in OPTIONS if isinstance(o.default, FromSetting)}
-    assert constants == {"enabled": True, "key_fields": (), "cache_not_found": False}
+    assert constants == {
+        "enabled": True,
+        "key_fields": (),
+        "cache_not_found": False,
+        "cached_relationships": (),
+        "allow_pickle": False,
+    }
     assert settings == {"ttl": "expiration_time", "serializer": "serializer"}
     assert (spec.enabled, spec.key_fields, spec.cache_not_found) == (True, (("id",),), False)
     assert (spec.ttl, spec.serializer) == (77, "msgpack")
@@ -670,6 +681,8 @@ def test_defaults_are_the_tables_or_the_setting_it_names(base: type[DeclarativeB
         "serializer": "CacheConfig(serializer=...)",
         "key_fields": "default",
         "cache_not_found": "default",
+        "cached_relationships": "default",
+        "allow_pickle": "default",
     }
 
 

@@ -357,7 +357,8 @@ def test_key_field_that_is_a_sql_expression_is_rejected(base: type[DeclarativeBa
         pytest.param(
             {"colour": "red"},
             "colour",
-            "(known: ttl, enabled, serializer, key_fields, cache_not_found, cached_relationships, allow_pickle)",
+            "(known: ttl, enabled, serializer, key_fields, cache_not_found, "
+            "cached_relationships, allow_pickle)",
             id="unknown-attribute",
         ),
         pytest.param(

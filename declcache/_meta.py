@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Column, PrimaryKeyConstraint, UniqueConstraint
 
-from declcache._codec import fingerprint
+from declcache._codec import fingerprint, pickled_columns
 from declcache._keys import collation_problem, primary_key_names
 from declcache.backends._arguments import MAX_EXPIRY
 from declcache.exceptions import CacheMetaError, SettingsError
@@ -119,6 +119,21 @@ def _check_collations(mapper: Mapper[Any], fields: Sequence[str]) -> None:
         problem = collation_problem(_column_of(mapper, field).type)
         if problem is not None:
             raise _InvalidError(f"{field!r} cannot be a cache key: {problem}")
+
+
+def _pickle_risk(mapper: Mapper[Any]) -> str | None:
+    """What caching ``mapper``'s model risks without ``allow_pickle``; ``None`` if nothing.
+
+    A hit unpickles a ``PickleType`` value from what the cache holds: ``pickle.loads`` runs
+    whatever code the bytes name. Only the model's own code may accept that.
+    """
+    pickled = pickled_columns(mapper)
+    if not pickled:
+        return None
+    return (
+        f"{', '.join(pickled)}: a PickleType value is unpickled from the cache on a hit, "
+        "so a process that can write the cache could run code in yours"
+    )
 
 
 def _relationship_names(value: Any, mapper: Mapper[Any] | None) -> tuple[str, ...]:
@@ -295,6 +310,14 @@ def read_cache_meta(mapper: Mapper[Any]) -> DeclaredMeta | None:
             except _InvalidError as error:
                 raise CacheMetaError(model, name, str(error)) from None
             origins[name] = klass.__qualname__
+    risk = None if values.get("allow_pickle") else _pickle_risk(mapper)
+    if risk is not None:
+        raise CacheMetaError(
+            model,
+            "allow_pickle",
+            f"{risk}. Set allow_pickle = True if only trusted processes can write the cache, "
+            "or defer the column (deferred columns are not cached)",
+        )
     try:  # the primary key is always a key, declared or not
         _check_collations(mapper, primary_key_names(mapper))
     except _InvalidError as error:
@@ -392,8 +415,12 @@ def _default(option: Option, mapper: Mapper[Any], config: SpecSettings) -> tuple
 def resolve_spec(mapper: Mapper[Any], declared: DeclaredMeta, config: SpecSettings) -> ModelSpec:
     """Apply the precedence (overrides, CacheMeta, settings, defaults) for one model.
 
+    A model :func:`read_cache_meta` accepted opted in to pickling in its CacheMeta; an override
+    can only opt out again, and then the model must not be cached at all.
+
     Raises:
-        SettingsError: a per-model override is invalid, or the default serializer is.
+        SettingsError: a per-model override is invalid, or the default serializer is, or an
+            override turns ``allow_pickle`` off for a cached model that needs it.
     """
     overrides = _override_values(mapper, config)
     values: dict[str, Any] = {}
@@ -406,6 +433,12 @@ def resolve_spec(mapper: Mapper[Any], declared: DeclaredMeta, config: SpecSettin
             sources[option.name] = declared.origins[option.name]
         else:
             values[option.name], sources[option.name] = _default(option, mapper, config)
+    risk = None if values["allow_pickle"] or not values["enabled"] else _pickle_risk(mapper)
+    if risk is not None:
+        raise SettingsError(
+            f"{sources['allow_pickle']}.allow_pickle",
+            f"{risk}; the model cannot be cached without it: set enabled to false as well",
+        )
     format_name, format_ = values.pop("serializer")
     primary_key = primary_key_names(mapper)
     other_keys = [keys for keys in values.pop("key_fields") if keys != primary_key]

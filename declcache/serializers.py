@@ -142,8 +142,14 @@ class ModelFunctionFormat:
     _codec: ModelCodec | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def bound(self, mapper: Mapper[Any]) -> ModelFunctionFormat:
-        """The same functions, as the format of ``mapper``'s model."""
-        return dataclasses.replace(self, mapper=mapper, _codec=ModelCodec(mapper))
+        """The same functions, as the format of ``mapper``'s model.
+
+        Its codec may unpickle: it only decodes rows this process has just encoded (to hand
+        ``serializer`` an instance), never what the cache holds. A cached row is decoded by
+        the model cache's own codec, which ``CacheMeta.allow_pickle`` governs.
+        """
+        codec = ModelCodec(mapper, allow_pickle=True)
+        return dataclasses.replace(self, mapper=mapper, _codec=codec)
 
     def _model(self) -> tuple[Mapper[Any], ModelCodec]:
         if self.mapper is None or self._codec is None:

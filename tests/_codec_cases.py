@@ -17,7 +17,10 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import enum
+import json
 import math
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from hypothesis import strategies as st
@@ -43,6 +46,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, make_transient_to_detached, mapped_column
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.types import CHAR, UserDefinedType
 
 # -- the model -----------------------------------------------------------------------------
 
@@ -56,11 +60,85 @@ class Color(enum.Enum):
     CRIMSON = "r"  # an alias of RED
 
 
-class Tagged(TypeDecorator[Any]):
-    """A type the codec does not know: falls back to the tagged encoding by runtime type."""
+class Tagged(UserDefinedType[Any]):
+    """Another package's type, no decorator: falls back to the tagged encoding by runtime type."""
 
-    impl = String
     cache_ok = True
+
+    def get_col_spec(self, **_kw: Any) -> str:
+        return "TAGGED"
+
+
+class JSONText(TypeDecorator[Any]):
+    """JSON kept as TEXT: the value is the document, the database holds its text."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
+        return None if value is None else json.dumps(value)
+
+    def process_result_value(self, value: Any, dialect: Any) -> Any:
+        return None if value is None else json.loads(value)
+
+
+class GUID(TypeDecorator[uuid.UUID]):
+    """SQLAlchemy's backend-agnostic GUID recipe: a native UUID on PostgreSQL, else CHAR(32)."""
+
+    impl = CHAR
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.UUID())
+        return dialect.type_descriptor(CHAR(32))
+
+    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
+        if value is None:
+            return None
+        if dialect.name == "postgresql":
+            return str(value)
+        return f"{value.int:032x}"
+
+    def process_result_value(self, value: Any, dialect: Any) -> uuid.UUID | None:
+        if value is None or isinstance(value, uuid.UUID):
+            return value
+        return uuid.UUID(value)
+
+
+@dataclass(frozen=True)
+class Money:
+    amount: decimal.Decimal
+    currency: str
+
+
+class MoneyType(TypeDecorator[Money]):
+    """A decorator returning objects of its own: ``Money`` stored as ``"EUR 12.50"``."""
+
+    impl = String(64)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> str | None:
+        return None if value is None else f"{value.currency} {value.amount}"
+
+    def process_result_value(self, value: Any, dialect: Any) -> Money | None:
+        if value is None:
+            return None
+        currency, amount = value.split(" ")
+        return Money(decimal.Decimal(amount), currency)
+
+
+class TagSet(TypeDecorator[set[str]]):
+    """A decorator of a decorator: a set, bound as a sorted list, which JSONText stores."""
+
+    impl = JSONText
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> list[str] | None:
+        return None if value is None else sorted(value)
+
+    def process_result_value(self, value: Any, dialect: Any) -> set[str] | None:
+        return None if value is None else set(value)
 
 
 class Base(DeclarativeBase):
@@ -102,6 +180,10 @@ class Everything(Base):
     words: Mapped[Any] = mapped_column(postgresql.ARRAY(String))
     grid: Mapped[Any] = mapped_column(postgresql.ARRAY(Integer, dimensions=2))
     tagged: Mapped[Any] = mapped_column(Tagged)
+    json_text: Mapped[Any] = mapped_column(JSONText)
+    guid: Mapped[Any] = mapped_column(GUID)
+    money: Mapped[Any] = mapped_column(MoneyType)
+    tags: Mapped[Any] = mapped_column(TagSet)
 
     class CacheMeta:
         ttl = 600
@@ -255,6 +337,15 @@ VALUES: dict[str, st.SearchStrategy[Any]] = {
         lambda width: st.lists(st.lists(INT32, min_size=width, max_size=width), max_size=4)
     ),
     "tagged": TAGGED_VALUES,
+    # What the decorators give back after a database read: JSON object keys are strings.
+    "json_text": JSON_VALUES.filter(lambda value: value is not None),
+    "guid": st.uuids(),
+    "money": st.builds(
+        Money,
+        st.decimals(allow_nan=False, allow_infinity=False),
+        st.sampled_from(["EUR", "USD", "JPY"]),
+    ),
+    "tags": st.sets(TEXT, max_size=5),
 }
 assert set(VALUES) == set(COLUMNS), "every column of Everything needs a strategy"
 

@@ -73,7 +73,13 @@ if TYPE_CHECKING:
     from sqlalchemy.sql import ClauseElement
     from sqlalchemy.sql.cache_key import CacheKey
 
-__all__ = ["CACHEABLE_OPTION", "DETERMINISTIC_FUNCTIONS", "SHAPES_KEPT", "query_key"]
+__all__ = [
+    "CACHEABLE_OPTION",
+    "DETERMINISTIC_FUNCTIONS",
+    "SHAPES_KEPT",
+    "nondeterminism",
+    "query_key",
+]
 
 logger = logging.getLogger("declcache.repository")
 
@@ -232,12 +238,27 @@ def _read_tables(statement: ClauseElement) -> set[TableClause]:
     return tables
 
 
+def nondeterminism(expression: ClauseElement) -> str | None:
+    """Why ``expression`` is not known to give the same result for the same rows, or ``None``.
+
+    The allow-list of statement caching, for other callers: the entity codec caches a
+    ``column_property`` with its row only when its expression passes this test.
+    """
+    try:
+        for element in visitors.iterate(expression):
+            _check_deterministic(element)
+    except UnkeyableError as reason:
+        return str(reason)
+    return None
+
+
 def _check_inputs(
     statement: ClauseElement, tables: frozenset[TableClause], *, vouched: bool
 ) -> None:
     if not vouched:
-        for element in visitors.iterate(statement):
-            _check_deterministic(element)
+        reason = nondeterminism(statement)
+        if reason is not None:
+            raise UnkeyableError(reason)
     foreign = sorted(table.name for table in _read_tables(statement) - tables)
     if foreign:
         raise UnkeyableError(

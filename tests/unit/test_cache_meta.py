@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Index, Integer, String, UniqueConstraint, create_engine, select
+from sqlalchemy import (
+    Index,
+    Integer,
+    PickleType,
+    String,
+    UniqueConstraint,
+    create_engine,
+    select,
+)
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -643,6 +651,73 @@ def test_invalid_default_serializer_names_the_variable(
 
     with pytest.raises(SettingsError, match=r"^DECLCACHE_SERIALIZER: unknown serializer 'yaml'"):
         CacheManager(CacheConfig.from_env()).spec(user)
+
+
+# -- PickleType ------------------------------------------------------------------------------
+
+
+def make_thing(base: type[DeclarativeBase], *, deferred: bool = False, **cache_meta: Any) -> type:
+    """``Thing(id, payload)``: a PickleType attribute over the column ``data``."""
+    namespace: dict[str, Any] = {
+        "__tablename__": "things",
+        "id": mapped_column(Integer, primary_key=True),
+        "payload": mapped_column("data", PickleType, deferred=deferred),
+        "CacheMeta": type("CacheMeta", (), cache_meta),
+    }
+    return type("Thing", (base,), namespace)
+
+
+@pytest.mark.parametrize("cache_meta", [{}, {"allow_pickle": False}, {"enabled": False}])
+def test_a_pickled_column_is_refused_naming_model_attribute_and_column(
+    base: type[DeclarativeBase], cache_meta: dict[str, Any]
+) -> None:
+    thing = make_thing(base, **cache_meta)
+
+    with pytest.raises(CacheMetaError) as excinfo:
+        configure_mappers()
+
+    assert (excinfo.value.model, excinfo.value.attribute) == (thing.__name__, "allow_pickle")
+    message = str(excinfo.value)
+    assert message.startswith("Thing.CacheMeta.allow_pickle: Thing.payload (column things.data)")
+    assert "a process that can write the cache could run code in yours" in message
+
+
+def test_allow_pickle_opts_in(base: type[DeclarativeBase]) -> None:
+    thing = make_thing(base, allow_pickle=True)
+
+    spec = spec_of(thing)
+
+    assert spec.allow_pickle
+    assert origin(spec.sources["allow_pickle"]) == "CacheMeta"
+    assert CacheManager().is_cached(thing)
+
+
+def test_a_deferred_pickled_column_is_not_cached_so_needs_no_opt_in(
+    base: type[DeclarativeBase],
+) -> None:
+    thing = make_thing(base, deferred=True)
+
+    assert not spec_of(thing).allow_pickle
+    assert CacheManager().is_cached(thing)
+
+
+def test_an_override_turning_allow_pickle_off_refuses_the_model_at_start_up(
+    base: type[DeclarativeBase], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    thing = make_thing(base, allow_pickle=True)
+    configure_mappers()
+    monkeypatch.setenv("DECLCACHE_MODELS", json.dumps({"things": {"allow_pickle": False}}))
+
+    with pytest.raises(SettingsError) as excinfo:
+        CacheManager(CacheConfig.from_env())
+
+    assert excinfo.value.setting == "DECLCACHE_MODELS[things].allow_pickle"
+    assert "Thing.payload (column things.data)" in str(excinfo.value)
+    assert "set enabled to false as well" in str(excinfo.value)
+    monkeypatch.setenv(
+        "DECLCACHE_MODELS", json.dumps({"things": {"allow_pickle": False, "enabled": False}})
+    )
+    assert not CacheManager(CacheConfig.from_env()).is_cached(thing)
 
 
 # -- one table of options --------------------------------------------------------------------

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import inspect
+from sqlalchemy.orm import Session
 
 from declcache import _freshness, _invalidation, _reads, backends
 from declcache._api import Lookup
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 
     from dogpile.cache.region import CacheRegion
     from sqlalchemy.engine import Connection
-    from sqlalchemy.orm import Session
+    from sqlalchemy.ext.asyncio import AsyncSession
 
     from declcache._api import Ident, Store
     from declcache._reads import ListProbe, Probe
@@ -51,6 +52,13 @@ if TYPE_CHECKING:
 __all__ = ["CacheManager"]
 
 logger = logging.getLogger("declcache.manager")
+
+
+def _orm_session(session: Session | AsyncSession | None) -> Session | None:
+    """The ``Session`` hits enter: ``session``, or the one an ``AsyncSession`` runs on."""
+    if session is None or isinstance(session, Session):
+        return session
+    return session.sync_session
 
 
 class CacheManager:
@@ -246,22 +254,46 @@ class CacheManager:
         )
 
     # -- entity reads ----------------------------------------------------------------------
+    #
+    # Given a ``session``, every hit is persistent in it as if it had loaded the row
+    # (:mod:`declcache._assemble`); without one, a hit is detached.
 
-    def get(self, model: type, ident: Ident, *, scope: Scope = UNSCOPED) -> Any:
+    def get(
+        self,
+        model: type,
+        ident: Ident,
+        *,
+        scope: Scope = UNSCOPED,
+        session: Session | AsyncSession | None = None,
+    ) -> Any:
         """The cached entity ``ident`` names, :attr:`Lookup.NOT_FOUND`, or :attr:`Lookup.MISS`.
 
         ``ident`` is a primary-key value, a tuple for a composite primary key, or a mapping
-        ``{field: value}`` of the primary key or of a ``key_fields`` set.
+        ``{field: value}`` of the primary key or of a ``key_fields`` set. A hit is an
+        instance of ``session`` (the one it already holds for that identity, if any), as if
+        the session had loaded it; without a session, a detached instance.
         """
-        return self.probe(model, [ident], scope=scope).results[0]
+        return self.probe(model, [ident], scope=scope, session=session).results[0]
 
     def get_many(
-        self, model: type, idents: Sequence[Ident], *, scope: Scope = UNSCOPED
+        self,
+        model: type,
+        idents: Sequence[Ident],
+        *,
+        scope: Scope = UNSCOPED,
+        session: Session | AsyncSession | None = None,
     ) -> list[Any]:
         """:meth:`get` for several entities in one backend round trip, in the order asked."""
-        return self.probe(model, idents, scope=scope).results
+        return self.probe(model, idents, scope=scope, session=session).results
 
-    def probe(self, model: type, idents: Sequence[Ident], *, scope: Scope = UNSCOPED) -> Probe:
+    def probe(
+        self,
+        model: type,
+        idents: Sequence[Ident],
+        *,
+        scope: Scope = UNSCOPED,
+        session: Session | AsyncSession | None = None,
+    ) -> Probe:
         """:meth:`get_many`, keeping what the backend held for a fill after a miss.
 
         A caller that answers hits itself and loads only on a miss (the repositories) hands
@@ -270,10 +302,15 @@ class CacheManager:
         cache = self._usable(model, scope)
         if cache is None or not idents:
             return _reads.missed(idents)
-        return run(_reads.probe(cache, idents), cache.store)
+        return run(_reads.probe(cache, idents, _orm_session(session)), cache.store)
 
     async def aprobe(
-        self, model: type, idents: Sequence[Ident], *, scope: Scope = UNSCOPED
+        self,
+        model: type,
+        idents: Sequence[Ident],
+        *,
+        scope: Scope = UNSCOPED,
+        session: Session | AsyncSession | None = None,
     ) -> Probe:
         """:meth:`probe` for a coroutine: awaited on the manager's async store.
 
@@ -283,9 +320,10 @@ class CacheManager:
         cache = await self._ausable(model, scope)
         if cache is None or not idents:
             return _reads.missed(idents)
+        flow = _reads.probe(cache, idents, _orm_session(session))
         if not self.blocking:  # in process: nothing to await, so no coroutine layers either
-            return run(_reads.probe(cache, idents), cache.store)
-        return await arun(_reads.probe(cache, idents), cache.astore)
+            return run(flow, cache.store)
+        return await arun(flow, cache.astore)
 
     def load(
         self,
@@ -295,15 +333,22 @@ class CacheManager:
         *,
         probe: Probe | None = None,
         scope: Scope = UNSCOPED,
+        session: Session | AsyncSession | None = None,
     ) -> Any:
         """The entity ``ident`` names, from the cache or else from ``loader()``; ``None`` if none.
 
         ``loader`` queries the database and returns the instance or ``None``. Its result is
         cached unless the entity was invalidated while it ran (no stale fill). ``probe`` is
-        the :meth:`probe` of ``[ident]`` the caller already made, if any.
+        the :meth:`probe` of ``[ident]`` the caller already made, if any. A hit enters
+        ``session`` (see :meth:`get`); ``loader`` should load into that session too.
         """
         return self.load_many(
-            model, [ident], lambda _missing: [loader()], probe=probe, scope=scope
+            model,
+            [ident],
+            lambda _missing: [loader()],
+            probe=probe,
+            scope=scope,
+            session=session,
         )[0]
 
     async def aload(
@@ -314,13 +359,17 @@ class CacheManager:
         *,
         probe: Probe | None = None,
         scope: Scope = UNSCOPED,
+        session: Session | AsyncSession | None = None,
     ) -> Any:
         """:meth:`load` for a coroutine; ``loader`` is awaited on the loop."""
 
         async def load_one(_missing: list[Ident]) -> list[Any]:
             return [await loader()]
 
-        return (await self.aload_many(model, [ident], load_one, probe=probe, scope=scope))[0]
+        found = await self.aload_many(
+            model, [ident], load_one, probe=probe, scope=scope, session=session
+        )
+        return found[0]
 
     def load_many(
         self,
@@ -330,17 +379,19 @@ class CacheManager:
         *,
         probe: Probe | None = None,
         scope: Scope = UNSCOPED,
+        session: Session | AsyncSession | None = None,
     ) -> list[Any]:
         """Entities in the order asked (``None`` where no row), one query for all misses.
 
         ``loader(missing)`` receives the idents the cache could not answer and returns the
         instances the database has for them (in any order, ``None`` entries ignored).
-        ``probe``: the :meth:`probe` of ``idents`` the caller just made; otherwise one is made.
+        ``probe``: the :meth:`probe` of ``idents`` the caller just made; otherwise one is made,
+        its hits entering ``session`` (see :meth:`get`).
         """
         if not idents:
             return []
         cache = self._usable(model, scope) if probe is None else self._scoped(model, scope)
-        flow = _reads.load(cache, model, idents, probe)
+        flow = _reads.load(cache, model, idents, probe, _orm_session(session))
         return run(flow, None if cache is None else cache.store, loader)
 
     async def aload_many(
@@ -351,37 +402,52 @@ class CacheManager:
         *,
         probe: Probe | None = None,
         scope: Scope = UNSCOPED,
+        session: Session | AsyncSession | None = None,
     ) -> list[Any]:
         """:meth:`load_many` for a coroutine; ``loader`` is awaited on the loop."""
         if not idents:
             return []
         cache = await self._ausable(model, scope) if probe is None else self._scoped(model, scope)
-        flow = _reads.load(cache, model, idents, probe)
+        flow = _reads.load(cache, model, idents, probe, _orm_session(session))
         return await arun(flow, None if cache is None else cache.astore, loader)
 
     # -- query results ---------------------------------------------------------------------
 
-    def probe_list(self, model: type, query_key: str, *, scope: Scope = UNSCOPED) -> ListProbe:
+    def probe_list(
+        self,
+        model: type,
+        query_key: str,
+        *,
+        scope: Scope = UNSCOPED,
+        session: Session | AsyncSession | None = None,
+    ) -> ListProbe:
         """The cached result :meth:`load_list` would return for ``query_key``, or ``MISS``.
 
         The list version it was looked up under comes with it: :meth:`load_list` fills
-        against it after a miss, without looking up again.
+        against it after a miss, without looking up again. A cached list's instances are
+        persistent in ``session`` (see :meth:`get`), or detached without one.
         """
         cache = self._usable(model, scope)
         if cache is None:
             return _reads.ListProbe(Lookup.MISS, None)
-        return run(_reads.probe_list(cache, query_key), cache.store)
+        return run(_reads.probe_list(cache, query_key, _orm_session(session)), cache.store)
 
     async def aprobe_list(
-        self, model: type, query_key: str, *, scope: Scope = UNSCOPED
+        self,
+        model: type,
+        query_key: str,
+        *,
+        scope: Scope = UNSCOPED,
+        session: Session | AsyncSession | None = None,
     ) -> ListProbe:
         """:meth:`probe_list` for a coroutine (see :meth:`aprobe`)."""
         cache = await self._ausable(model, scope)
         if cache is None:
             return _reads.ListProbe(Lookup.MISS, None)
+        flow = _reads.probe_list(cache, query_key, _orm_session(session))
         if not self.blocking:  # see aprobe
-            return run(_reads.probe_list(cache, query_key), cache.store)
-        return await arun(_reads.probe_list(cache, query_key), cache.astore)
+            return run(flow, cache.store)
+        return await arun(flow, cache.astore)
 
     def load_list(
         self,
@@ -391,17 +457,20 @@ class CacheManager:
         *,
         probe: ListProbe | None = None,
         scope: Scope = UNSCOPED,
+        session: Session | AsyncSession | None = None,
     ) -> Any:
         """A cached query result for ``query_key``, else ``loader()``'s, cached under the version.
 
         ``loader`` returns a list of instances or an ``int`` (a count). A list result of
-        instances is cached as their column values, so a hit builds fresh detached instances.
+        instances is cached as their column values, so a hit makes new instances of them:
+        persistent in ``session`` (see :meth:`get`), or detached without one.
         ``probe``: the :meth:`probe_list` of ``query_key`` the caller just made, if any.
         """
         cache = self._usable(model, scope)
         if cache is None:
             return loader()
-        return run(_reads.load_list(cache, query_key, probe), cache.store, loader)
+        flow = _reads.load_list(cache, query_key, probe, _orm_session(session))
+        return run(flow, cache.store, loader)
 
     async def aload_list(
         self,
@@ -411,12 +480,14 @@ class CacheManager:
         *,
         probe: ListProbe | None = None,
         scope: Scope = UNSCOPED,
+        session: Session | AsyncSession | None = None,
     ) -> Any:
         """:meth:`load_list` for a coroutine; ``loader`` is awaited on the loop."""
         cache = await self._ausable(model, scope)
         if cache is None:
             return await loader()
-        return await arun(_reads.load_list(cache, query_key, probe), cache.astore, loader)
+        flow = _reads.load_list(cache, query_key, probe, _orm_session(session))
+        return await arun(flow, cache.astore, loader)
 
     def fill_mutex(
         self,

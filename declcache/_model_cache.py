@@ -2,9 +2,10 @@
 
 A :class:`ModelCache` answers the questions the read and write flows ask about a model without
 any I/O: what key an ident has, whether stored bytes are a current entry of this model, which
-instances a payload holds, what a fill or a tombstone looks like. The flows
-(:mod:`declcache._reads`, :mod:`declcache._invalidation`) decide what to ask the backend;
-its :attr:`store` and :attr:`astore` are how it is asked.
+rows a payload holds (and the instances they make, see :mod:`declcache._assemble`), what a
+fill or a tombstone looks like. The flows (:mod:`declcache._reads`,
+:mod:`declcache._invalidation`) decide what to ask the backend; its :attr:`store` and
+:attr:`astore` are how it is asked.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import cachetools
 from sqlalchemy import inspect
 from sqlalchemy.orm.attributes import instance_state
 
+from declcache._assemble import Assembler
 from declcache._breaker import BackendUnavailable
 from declcache._codec import ModelCodec, UnencodableValueError
 from declcache._keys import KeyBuilder, normalized
@@ -27,9 +29,10 @@ from declcache._stats import Counters
 
 if TYPE_CHECKING:
     from dogpile.cache.region import CacheRegion
-    from sqlalchemy.orm import Mapper
+    from sqlalchemy.orm import Mapper, Session
 
     from declcache._api import AsyncStore, Store
+    from declcache._codec import Row
     from declcache._keys import Scope
     from declcache._meta import ModelSpec
     from declcache._stats import FaultLog, StatsHook
@@ -84,7 +87,8 @@ class ModelCache:
         self.region = region
         self.store = store
         self.astore = astore
-        self.codec = ModelCodec(mapper)
+        self.codec = ModelCodec(mapper, allow_pickle=spec.allow_pickle)
+        self.assembler = Assembler(mapper, self.codec)
         self.payloads = Payloads(spec.fingerprint, spec.format)
         self.counters = Counters(self.name, on_stats)
         self.ttl = spec.ttl
@@ -157,26 +161,32 @@ class ModelCache:
             return None
         return found
 
-    def instances(self, payload: Payload, rows: list[list[Any]]) -> list[Any] | None:
-        """Fresh detached instances of ``rows`` (a payload's column values); ``None`` if bad.
+    def rows(self, payload: Payload, bodies: list[list[Any]]) -> list[Row] | None:
+        """The typed rows of ``bodies`` (a payload's column values); ``None`` if bad.
 
-        The rows are decoded once per payload; each call builds new instances from them.
+        They are decoded once per payload; :meth:`instances` makes new instances of them.
         """
         decoded = payload.rows
         if decoded is None:
             try:
-                decoded = [self.codec.decode_row(values) for values in rows]
+                decoded = [self.codec.decode_row(values) for values in bodies]
             except Exception as error:
                 self.counters.add("errors")
                 logger.warning("%s: ignoring an undecodable cached entity: %r", self.name, error)
                 return None
             payload.rows = decoded
-        build = self.codec.build
-        return [build(row) for row in decoded]
+        return decoded
 
-    def owns(self, instance: object, key: str) -> bool:
-        """Whether ``key`` is one of ``instance``'s keys (asked once per remembered payload)."""
-        return key in self.keys.of_instance(instance).values()
+    def instances(self, rows: list[Row], session: Session | None) -> list[Any]:
+        """Instances of ``rows``: persistent in ``session`` as if it loaded them, else detached.
+
+        See :mod:`declcache._assemble`.
+        """
+        return self.assembler.instances(rows, session)
+
+    def owns(self, row: Row, key: str) -> bool:
+        """Whether ``key`` is one of ``row``'s keys (asked once per remembered payload)."""
+        return key in self.keys.of_instance(self.codec.build(row)).values()
 
     def pointer_target(self, pointer: Payload) -> str | None:
         """The primary-key entry a ``key_fields`` pointer leads to; ``None`` if malformed."""

@@ -34,13 +34,15 @@ from sqlalchemy import inspect
 
 from declcache import _freshness
 from declcache._api import Lookup
-from declcache._codec import UnencodableValueError
+from declcache._codec import Row, UnencodableValueError
 from declcache._driver import LOAD, Call
 from declcache._keys import match
 from declcache._payload import ENTITY, LIST, NOT_FOUND, POINTER, new_token, unwrap
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
+
+    from sqlalchemy.orm import Session
 
     from declcache._api import Ident, Swap
     from declcache._driver import Flow
@@ -164,11 +166,14 @@ def _keys_of(cache: ModelCache, idents: Sequence[Ident]) -> tuple[list[str | Non
     return keys, list(dict.fromkeys(key for key in keys if key is not None))
 
 
-def probe(cache: ModelCache, idents: Sequence[Ident]) -> Flow[Probe]:
+def probe(
+    cache: ModelCache, idents: Sequence[Ident], session: Session | None = None
+) -> Flow[Probe]:
     """Look ``idents`` up: one ``MGET`` of the generation token and their keys.
 
     A ``key_fields`` key holds a pointer to the primary key; pointers are followed in a
-    second round trip. Returns a :class:`Probe`; a fault makes every ident a miss.
+    second round trip. Returns a :class:`Probe`; a fault makes every ident a miss. Hits are
+    persistent in ``session`` as if it had loaded them, or detached without one.
     """
     keys, wanted = _keys_of(cache, idents)
     tokens = cache.keys.generation_keys
@@ -192,7 +197,7 @@ def probe(cache: ModelCache, idents: Sequence[Ident]) -> Flow[Probe]:
             found = dict(zip(targets, (yield Call("get_many", targets)), strict=True))
             ticket.observed.update(found)
             _follow(cache, parsed, pointers, found, generation)
-        results = [
+        answers = [
             _entity(cache, key, item, via_pointer=index in pointers)
             for index, (key, item) in enumerate(zip(wanted, parsed, strict=True))
         ]
@@ -200,6 +205,7 @@ def probe(cache: ModelCache, idents: Sequence[Ident]) -> Flow[Probe]:
         cache.fault("get", error)
         cache.counters.add("misses", len(idents))
         return missed(idents)
+    results = _instances(cache, answers, session)
     if len(wanted) != len(keys):  # an ident without a key, or two idents of one key
         by_key = dict(zip(wanted, results, strict=True))
         results = [Lookup.MISS if key is None else by_key[key] for key in keys]
@@ -236,7 +242,7 @@ def _follow(
 
 
 def _entity(cache: ModelCache, key: str, parsed: Payload | None, *, via_pointer: bool) -> Any:
-    """What an entity key's payload answers: an instance, ``NOT_FOUND`` or ``MISS``.
+    """What an entity key's payload answers: its :class:`Row`, ``NOT_FOUND`` or ``MISS``.
 
     An entity is only returned under a key it really has: a payload copied under another
     row's key is a foreign value, hence a miss.
@@ -252,15 +258,14 @@ def _entity(cache: ModelCache, key: str, parsed: Payload | None, *, via_pointer:
         cache.counters.add("errors")
         logger.warning("%s: ignoring a cache payload of unknown kind %r", cache.name, kind)
         return Lookup.MISS
-    built = cache.instances(parsed, [parsed.body])
-    if built is None:
+    rows = cache.rows(parsed, [parsed.body])
+    if rows is None:
         return Lookup.MISS
-    instance = built[0]
     if parsed.owner == key:  # these very bytes were already found to be this row's
-        return instance
-    if cache.owns(instance, key):
+        return rows[0]
+    if cache.owns(rows[0], key):
         parsed.owner = key
-        return instance
+        return rows[0]
     if via_pointer:  # the row's key field changed while its old value was unknown
         logger.debug("%s: %s points to a row that no longer has it", cache.name, key)
         return Lookup.MISS
@@ -269,16 +274,33 @@ def _entity(cache: ModelCache, key: str, parsed: Payload | None, *, via_pointer:
     return Lookup.MISS
 
 
+def _instances(cache: ModelCache, answers: list[Any], session: Session | None) -> list[Any]:
+    """``answers`` with an instance in place of each :class:`Row`, all made at once.
+
+    Persistent in ``session`` as if it loaded them, or detached without one.
+    """
+    rows = [item for item in answers if isinstance(item, Row)]
+    if not rows:
+        return answers
+    made = iter(cache.instances(rows, session))
+    return [next(made) if isinstance(item, Row) else item for item in answers]
+
+
 def load(
-    cache: ModelCache | None, model: type, idents: Sequence[Ident], seen: Probe | None
+    cache: ModelCache | None,
+    model: type,
+    idents: Sequence[Ident],
+    seen: Probe | None,
+    session: Session | None = None,
 ) -> Flow[list[Any]]:
     """Entities in the order asked (``None`` where no row); one database load for all misses.
 
     ``seen`` is the probe of ``idents`` the caller already made, if any; ``cache`` is ``None``
-    when the cache may not answer (every ident is then loaded, nothing filled).
+    when the cache may not answer (every ident is then loaded, nothing filled). Hits of a
+    new probe enter ``session`` (see :func:`probe`).
     """
     if seen is None:
-        seen = missed(idents) if cache is None else (yield from probe(cache, idents))
+        seen = missed(idents) if cache is None else (yield from probe(cache, idents, session))
     results, ticket, keys = list(seen.results), seen.ticket, seen.keys
     missing = [index for index, result in enumerate(results) if result is Lookup.MISS]
     if missing:
@@ -377,8 +399,13 @@ def _lagging(
 # -- query results --------------------------------------------------------------------------------
 
 
-def probe_list(cache: ModelCache, query_key: str) -> Flow[ListProbe]:
-    """The cached result of the query ``query_key`` names (or ``MISS``), and the list version."""
+def probe_list(
+    cache: ModelCache, query_key: str, session: Session | None = None
+) -> Flow[ListProbe]:
+    """The cached result of the query ``query_key`` names (or ``MISS``), and the list version.
+
+    A cached list's instances are persistent in ``session``, or detached without one.
+    """
     key = cache.keys.list_key(query_key)
     tokens = cache.keys.list_version_keys
     try:
@@ -388,7 +415,7 @@ def probe_list(cache: ModelCache, query_key: str) -> Flow[ListProbe]:
     except Exception as error:
         cache.fault("get", error)
         return ListProbe(Lookup.MISS, None)
-    cached = _listed(cache, cache.current(raws[-1], version))
+    cached = _listed(cache, cache.current(raws[-1], version), session)
     if cached is not Lookup.MISS:
         cache.counters.add("hits")
         return ListProbe(cached, version)
@@ -396,24 +423,27 @@ def probe_list(cache: ModelCache, query_key: str) -> Flow[ListProbe]:
     return ListProbe(cached, version, raws[: len(tokens)], started)
 
 
-def _listed(cache: ModelCache, parsed: Payload | None) -> Any:
+def _listed(cache: ModelCache, parsed: Payload | None, session: Session | None) -> Any:
     if parsed is None or parsed.kind != LIST:
         return Lookup.MISS
     body = parsed.body
     if len(body) == 1 and type(body[0]) is int:
         return body[0]
-    items = cache.instances(parsed, body)
-    return Lookup.MISS if items is None else items
+    rows = cache.rows(parsed, body)
+    return Lookup.MISS if rows is None else cache.instances(rows, session)
 
 
-def load_list(cache: ModelCache, query_key: str, seen: ListProbe | None) -> Flow[Any]:
+def load_list(
+    cache: ModelCache, query_key: str, seen: ListProbe | None, session: Session | None = None
+) -> Flow[Any]:
     """The cached result of ``query_key``, else the loader's, cached under the list version.
 
     The loader returns a list of instances or an ``int`` (a count). A list of instances is
-    cached as their column values, so a hit builds fresh detached instances.
+    cached as their column values, so a hit makes instances of them anew (see
+    :func:`probe_list`).
     """
     if seen is None:
-        seen = yield from probe_list(cache, query_key)
+        seen = yield from probe_list(cache, query_key, session)
     if seen.result is not Lookup.MISS:
         return seen.result
     result = yield Call(LOAD)

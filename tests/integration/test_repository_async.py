@@ -449,7 +449,7 @@ async def test_delete_and_delete_many(db: SQLAlchemyAsyncConfig, sent: Statement
     assert (await read(db, sent, lambda s: repo(s).get(4)))[0].id == 4
 
 
-async def test_auto_expunge(db: SQLAlchemyAsyncConfig) -> None:
+async def test_auto_expunge(db: SQLAlchemyAsyncConfig, sent: StatementLog) -> None:
     await authors(db, 2)
     async with db.get_session() as session:
         kept = await repo(session).get(1)  # from the database: stays attached
@@ -460,9 +460,17 @@ async def test_auto_expunge(db: SQLAlchemyAsyncConfig) -> None:
         assert detached not in session
         assert detached.name  # every column is loaded
     async with db.get_session() as session:
-        cached = await repo(session).get(1)  # a hit: detached whatever the flag
-        assert cached not in session
-        assert inspect(cached).detached
+        cached = await repo(session).get(1)  # a hit: the session's, as a load
+        assert cached in session
+        assert inspect(cached).persistent
+        assert await repo(session).get(1) is cached
+    async with db.get_session() as session:
+        sent.clear()
+        expunged = await repo(session, auto_expunge=True).get(1)  # a hit, detached
+        assert selects(sent, AUTHORS) == 0
+        assert expunged not in session
+        assert inspect(expunged).detached
+        assert expunged.name
 
 
 async def test_a_session_reads_its_own_uncommitted_writes_and_never_caches_them(
@@ -495,7 +503,7 @@ async def test_a_session_reads_its_own_uncommitted_writes_and_never_caches_them(
 
 
 @pytest.mark.parametrize("cache_backend", ["memory"])
-async def test_relationships_are_not_cached_merge_reattaches(
+async def test_relationships_of_a_hit_load_lazily_an_expunged_one_merge_reattaches(
     db: SQLAlchemyAsyncConfig, sent: StatementLog
 ) -> None:
     (author,) = await authors(db, 1)
@@ -503,11 +511,18 @@ async def test_relationships_are_not_cached_merge_reattaches(
     await read(db, sent, lambda s: repo(s).get(1))
 
     async with db.get_session() as session:
-        cached = await repo(session).get(1)
-        with pytest.raises(DetachedInstanceError):
-            _ = cached.books
         sent.clear()
-        attached = await session.merge(cached, load=False)
+        cached = await repo(session).get(1)
+        assert selects(sent, AUTHORS) == 0
+        books = await session.run_sync(lambda _: cached.books)  # lazy-loaded, as for a load
+        assert [book.author_id for book in books] == [1]
+        assert selects(sent, "repo_books") == 1
+    async with db.get_session() as session:
+        expunged = await repo(session, auto_expunge=True).get(1)
+        with pytest.raises(DetachedInstanceError):
+            _ = expunged.books
+        sent.clear()
+        attached = await session.merge(expunged, load=False)
         assert selects(sent, AUTHORS) == 0
         await session.refresh(attached, ["books"])
         assert [book.author_id for book in attached.books] == [1]

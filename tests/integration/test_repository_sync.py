@@ -467,9 +467,17 @@ def test_auto_expunge(db: SQLAlchemySyncConfig, sent: StatementLog) -> None:
         assert detached not in session
         assert detached.name  # every column is loaded
     with db.get_session() as session:
-        cached = AuthorRepo(session=session).get(1)  # a hit: detached whatever the flag
-        assert cached not in session
-        assert inspect(cached).detached
+        cached = AuthorRepo(session=session).get(1)  # a hit: the session's, as a load
+        assert cached in session
+        assert inspect(cached).persistent
+        assert AuthorRepo(session=session).get(1) is cached
+    with db.get_session() as session:
+        sent.clear()
+        expunged = AuthorRepo(session=session, auto_expunge=True).get(1)  # a hit, detached
+        assert selects(sent, AUTHORS) == 0
+        assert expunged not in session
+        assert inspect(expunged).detached
+        assert expunged.name
 
 
 def test_a_session_reads_its_own_uncommitted_writes_and_never_caches_them(
@@ -502,7 +510,7 @@ def test_a_session_reads_its_own_uncommitted_writes_and_never_caches_them(
 
 
 @pytest.mark.parametrize("cache_backend", ["memory"])
-def test_relationships_are_not_cached_merge_reattaches(
+def test_relationships_of_a_hit_load_lazily_an_expunged_one_merge_reattaches(
     db: SQLAlchemySyncConfig, sent: StatementLog
 ) -> None:
     (author,) = authors(db, 1)
@@ -510,11 +518,17 @@ def test_relationships_are_not_cached_merge_reattaches(
     read(db, sent, lambda s: AuthorRepo(session=s).get(1))
 
     with db.get_session() as session:
-        cached = AuthorRepo(session=session).get(1)
-        with pytest.raises(DetachedInstanceError):
-            _ = cached.books
         sent.clear()
-        attached = session.merge(cached, load=False)
+        cached = AuthorRepo(session=session).get(1)
+        assert selects(sent, AUTHORS) == 0
+        assert [book.author_id for book in cached.books] == [1]  # lazy-loaded, as for a load
+        assert selects(sent, "repo_books") == 1
+    with db.get_session() as session:
+        expunged = AuthorRepo(session=session, auto_expunge=True).get(1)
+        with pytest.raises(DetachedInstanceError):
+            _ = expunged.books
+        sent.clear()
+        attached = session.merge(expunged, load=False)
         assert selects(sent, AUTHORS) == 0
         assert [book.author_id for book in attached.books] == [1]
 

@@ -19,6 +19,7 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.dml import Delete, Insert, Update, UpdateBase
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList
 
+from declcache._association_writes import association_models
 from declcache._frames import manager_of, never_failing_the_database, record_model
 from declcache._inheritance import cached_lineage
 from declcache._keys import primary_key_names
@@ -96,6 +97,9 @@ def after_execute(
                 change.whole_model = True
             else:
                 change.keys.update(keys)
+    for model in association_models(table):  # their cached collections: a new list version
+        for cached in cached_lineage(manager, inspect(model)):
+            record_model(session, manager, cached.class_, connection=connection, schemas=schemas)
 
 
 def _statement_keys(

@@ -47,6 +47,7 @@ __all__ = [
     "read_since",
     "replica_lag",
     "replica_lag_seen",
+    "view",
 ]
 
 #: The execution option declaring that an engine or connection reads a replica lagging the
@@ -85,17 +86,17 @@ def _stamp(target: object, context: Any, *_args: object) -> None:
         info[_LOADED_AT] = time.monotonic()  # as cheap as before: a hit may come this way
         return
     memo = context.attributes
-    view = memo.get(_LOADED_AT)
-    if view is None:
-        view = memo[_LOADED_AT] = _view(context.session)
-    info[_LOADED_AT], lag = view
+    seen = memo.get(_LOADED_AT)
+    if seen is None:
+        seen = memo[_LOADED_AT] = view(context.session)
+    info[_LOADED_AT], lag = seen
     if lag:
         info[_LAG] = lag
     else:
         info.pop(_LAG, None)
 
 
-def _view(session: Session | None) -> tuple[float, float]:
+def view(session: Session | None) -> tuple[float, float]:
     """``(since, lag)``: what data read now through ``session`` reflects.
 
     It reflects every commit before ``since`` (monotonic) on the database it was read from,

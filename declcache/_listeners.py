@@ -32,6 +32,7 @@ from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.pool import Pool
 
 from declcache import _core_writes, _outer_commit
+from declcache._association_writes import record_association_writes
 from declcache._cascades import record_cascades
 from declcache._frames import (
     SESSION_MANAGER_KEY,
@@ -47,6 +48,7 @@ from declcache._frames import (
     use_default_manager,
 )
 from declcache._inheritance import cached_family, cached_lineage, discriminator_changed
+from declcache._private_apis import session_is_clean
 from declcache._scope import OWN_LISTENERS
 
 if TYPE_CHECKING:
@@ -59,6 +61,7 @@ __all__ = [
     "INVALIDATE_MODELS_OPTION",
     "SESSION_MANAGER_KEY",
     "has_uncommitted_changes",
+    "is_writing",
     "setup_cache_listeners",
 ]
 
@@ -100,6 +103,19 @@ def setup_cache_listeners(default_manager: CacheManager | None = None) -> None:
         _state["registered"] = True
 
 
+def is_writing(session: Session, model: type) -> bool:
+    """Whether ``session`` holds pending or flushed, uncommitted changes to ``model``.
+
+    What such a session reads must come from the database (it sees its own writes) and must
+    not be cached (no other session sees them yet).
+    """
+    if not session_is_clean(session):  # a quick test first: most reads come with none
+        for items in (session.new, session.dirty, session.deleted):
+            if any(isinstance(item, model) for item in items):
+                return True
+    return has_uncommitted_changes(session, model)
+
+
 def has_uncommitted_changes(session: Session, model: type) -> bool:
     """Whether ``session`` flushed changes to ``model`` (or a related class) not yet committed.
 
@@ -137,6 +153,7 @@ def _record_row(kind: str, mapper: Mapper[Any], connection: Connection, target: 
                 record_keys(session, manager, cached, target, connection)
     if kind != "insert":
         record_cascades(session, manager, mapper, target, connection, on=kind)
+    record_association_writes(session, manager, mapper, target, connection)
 
 
 @never_failing_the_database

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from declcache.serializers import SerializationFormat
 
 __all__ = [
+    "COLLECTION",
     "ENTITY",
     "LIST",
     "NOT_FOUND",
@@ -62,6 +63,8 @@ __all__ = [
 value_version = 2
 
 ENTITY, NOT_FOUND, POINTER, LIST = "e", "n", "p", "l"
+#: A cached relationship collection: its members' primary keys (:mod:`declcache._associations`).
+COLLECTION = "c"
 
 #: Parsed payloads a model remembers, at most, and the bytes they may take: a payload counts
 #: as at least ``REMEMBERED_PAYLOAD_BYTES / REMEMBERED_PAYLOADS`` bytes, so both bounds hold.
@@ -170,7 +173,8 @@ class Payload:
     Attributes:
         created_at: when it was written (dogpile's metadata).
         generation: the generation (or list version) it was written under.
-        kind: :data:`ENTITY`, :data:`NOT_FOUND`, :data:`POINTER` or :data:`LIST`.
+        kind: :data:`ENTITY`, :data:`NOT_FOUND`, :data:`POINTER`, :data:`LIST` or
+            :data:`COLLECTION`.
         body: what follows the kind: column values, a primary key, rows or a count.
         size: what it counts for against the memo's byte bound.
         rows: the typed rows of an entity or a list, decoded by the first read that needs them.

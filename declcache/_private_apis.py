@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     import cachetools
     from sqlalchemy.engine import Connection, Dialect, Engine
-    from sqlalchemy.orm import Session
+    from sqlalchemy.orm import InstanceState, Session
     from sqlalchemy.pool import PoolProxiedConnection
     from sqlalchemy.sql import ClauseElement
     from sqlalchemy.sql.cache_key import CacheKey
@@ -29,12 +29,16 @@ __all__ = [
     "after_dbapi_commit",
     "await_only",
     "cache_items",
+    "class_loader",
     "dbm_opener",
     "held_connection",
     "in_greenlet",
+    "load_as_persistent",
     "lru_order",
+    "refresh_as_loaded",
     "resp3_parser",
     "session_is_clean",
+    "set_class_loader",
     "set_push_handler",
     "socket_of",
     "sqlite_in_transaction",
@@ -74,6 +78,48 @@ def session_is_clean(session: Session) -> bool:
     """
     clean: bool = session._is_clean()
     return clean
+
+
+def load_as_persistent(session: Session, states: list[InstanceState[Any]]) -> None:
+    """Make ``states`` persistent in ``session`` as the ORM's loader makes the rows it reads.
+
+    Each state is new, of one class, with its dict filled and its identity key set. What
+    ``loading._instance`` does then for a row the identity map does not hold:
+    ``state.session_id`` set, the state put in the map by ``IdentityMap._add_unpresent``, the
+    ``load`` instance event fired, then the session's ``loaded_as_persistent``; which events
+    have listeners is asked once for all, as the loader asks once per query. ``load`` gets
+    no query context (``None``), as ``Session.merge`` fires it for the instance it creates.
+    No public API enters an instance as loaded: ``Session.add`` fires the attach events a
+    load never fires, and walks the save-update cascade on every cache hit.
+    """
+    session_id = session.hash_key
+    add = session.identity_map._add_unpresent
+    for state in states:
+        state.session_id = session_id
+        add(state, state.key)  # type: ignore[arg-type]
+    load = states[0].manager.dispatch.load
+    if load:
+        for state in states:
+            load(state, None)
+    loaded = session.dispatch.loaded_as_persistent
+    if loaded:
+        for state in states:
+            loaded(session, state)
+
+
+def refresh_as_loaded(state: InstanceState[Any], keys: list[str]) -> None:
+    """Mark ``keys``, just put in ``state``'s dict, loaded: as a query refilling it does.
+
+    ``InstanceState._commit`` is what a load calls for the attributes it refilled on an
+    instance the session held (expired ones): they become committed, no longer expired.
+    Then the ``refresh`` instance event fires (context ``None``: no query ran), so
+    ``sqlalchemy.ext.mutable`` wraps the new values. No public API marks a value loaded
+    without a history event but ``set_committed_value``, one attribute and one commit each.
+    """
+    state._commit(state.dict, keys)
+    refresh = state.manager.dispatch.refresh
+    if refresh:
+        refresh(state, None, keys)
 
 
 def held_connection(session: Session, bind: Engine | Connection) -> Connection | None:
@@ -169,3 +215,19 @@ def set_push_handler(connection: Any, handler: Callable[[Any], object]) -> None:
 def socket_of(connection: Any) -> Any:
     """The socket of a redis-py connection, or ``None``: polled without redis-py's 3 syscalls."""
     return getattr(connection, "_sock", None)
+
+
+def class_loader(mapper: Any, key: str) -> Callable[..., Any] | None:
+    """The loader SQLAlchemy calls when relationship ``key`` of an instance is unloaded.
+
+    It is the attribute implementation's ``callable_`` (set by the relationship's loader
+    strategy). Wrapping it is the one way to serve every lazy load of a relationship — of
+    any instance, however it was loaded — without a per-instance listener on the load path.
+    """
+    loader: Callable[..., Any] | None = getattr(mapper.class_manager[key].impl, "callable_", None)
+    return loader  # ``None``: a dynamic or write-only relationship, which loads nothing
+
+
+def set_class_loader(mapper: Any, key: str, loader: Callable[..., Any]) -> None:
+    """Replace what :func:`class_loader` returns for ``key`` of ``mapper``'s class."""
+    mapper.class_manager[key].impl.callable_ = loader

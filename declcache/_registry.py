@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from sqlalchemy import ForeignKeyConstraint
+    from sqlalchemy.orm import RelationshipProperty
     from sqlalchemy.sql.selectable import TableClause
 
     from declcache._meta import SpecSettings
@@ -43,6 +44,7 @@ __all__ = [
     "cascading_tables",
     "declared_meta",
     "ensure_configured",
+    "mapped_relationships",
     "models_of_table",
     "unmatched_overrides",
     "watch",
@@ -96,6 +98,10 @@ def _report_on_configure() -> None:
 
 def _remember(mapper: Mapper[Any]) -> DeclaredMeta:
     declared = read_cache_meta(mapper) or _NOT_CACHED
+    if declared is not _NOT_CACHED:
+        from declcache._associations import install  # noqa: PLC0415 - it reads the registry
+
+        install(mapper)
     with _lock:
         _declared[mapper.class_] = declared
     return declared
@@ -256,6 +262,19 @@ def models_of_table(table: object) -> list[type]:
         mapper: Any = inspect(cls, raiseerr=False)
         if isinstance(mapper, Mapper) and table in mapper.tables:
             found.append(cls)
+    return found
+
+
+def mapped_relationships() -> list[RelationshipProperty[Any]]:
+    """Every relationship of every mapped class (cached or not); mappers configured."""
+    ensure_configured()
+    with _lock:
+        read = list(_declared)
+    found: list[RelationshipProperty[Any]] = []
+    for cls in read:
+        mapper: Any = inspect(cls, raiseerr=False)
+        if isinstance(mapper, Mapper):
+            found.extend(prop for prop in mapper.relationships if prop.parent is mapper)
     return found
 
 

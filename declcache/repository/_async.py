@@ -19,9 +19,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from declcache._api import Lookup
+from declcache._associations import preload
 from declcache._keys import match
 from declcache._singleflight import AsyncFlights
 from declcache.repository._base import CachedRead, ModelT, RepositoryBase, _found
+from declcache.repository._updates import updated
 
 if TYPE_CHECKING:
     import builtins
@@ -71,8 +73,12 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         auto_refresh: refresh instances after ``add`` and ``update``.
         auto_commit: commit after writes (else flush).
 
-    Instances served from the cache are detached, with every column loaded; relationships are
-    not cached (``await session.merge(obj, load=False)`` re-attaches one without a query).
+    An instance served from the cache is persistent in ``session`` as if the session had
+    loaded it (the instance the session already holds for that identity, if any): only the
+    columns changed afterwards are flushed, and relationships and the attributes the cache
+    does not hold load on access (through ``AsyncAttrs.awaitable_attrs``, as for any
+    instance of an ``AsyncSession``). With ``auto_expunge`` it is detached, as a database
+    read then expunged.
     """
 
     def __init__(
@@ -96,7 +102,12 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
     # -- entity reads ------------------------------------------------------------------------
 
     async def get(
-        self, item_id: Any, *, use_cache: bool = True, auto_expunge: bool | None = None
+        self,
+        item_id: Any,
+        *,
+        use_cache: bool = True,
+        auto_expunge: bool | None = None,
+        preload: Sequence[str] = (),
     ) -> ModelT:
         """The instance with primary key ``item_id`` (a tuple for a composite key).
 
@@ -111,11 +122,17 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
             if item is None:
                 item = await self._read_entity(cache, item_id)
         found = self.check_not_found(item, item_id)
+        await self._preload([found], preload, use_cache)
         self._expunge([found], auto_expunge)
         return found
 
     async def get_many(
-        self, item_ids: Sequence[Any], *, use_cache: bool = True, auto_expunge: bool | None = None
+        self,
+        item_ids: Sequence[Any],
+        *,
+        use_cache: bool = True,
+        auto_expunge: bool | None = None,
+        preload: Sequence[str] = (),
     ) -> builtins.list[ModelT | None]:
         """Instances for ``item_ids`` in that order, ``None`` where there is no row.
 
@@ -130,6 +147,7 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
             items = match(self._mapper, idents, loaded)
         else:
             items = await self._load_many(cache, idents)
+        await self._preload(items, preload, use_cache)
         self._expunge(items, auto_expunge)
         return items
 
@@ -140,7 +158,8 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         return [next(loaded) if item is None else item for item in held]
 
     async def _load_rest(self, cache: CacheView, idents: builtins.list[Any]) -> builtins.list[Any]:
-        probe = await cache.aprobe(self.model_type, idents)
+        session = self._sync_session
+        probe = await cache.aprobe(self.model_type, idents, session)
         found: Sequence[Any] = probe.results
         if any(result is Lookup.MISS for result in found):  # else no query
 
@@ -150,14 +169,15 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
                 )
                 return loaded
 
-            found = await cache.aload_many(self.model_type, idents, loader, probe=probe)
-        return [self._settled(ident, item) for ident, item in zip(idents, found, strict=True)]
+            found = await cache.aload_many(self.model_type, idents, loader, session, probe=probe)
+        return [_found(item) for item in found]
 
     async def get_one(
         self,
         *filters: Any,
         use_cache: bool = True,
         auto_expunge: bool | None = None,
+        preload: Sequence[str] = (),
         **fields: Any,
     ) -> ModelT:
         """The one instance matching; from the cache when ``fields`` are exactly a key.
@@ -166,7 +186,7 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
             NotFoundError: no row matches.
         """
         item = await self.get_one_or_none(
-            *filters, use_cache=use_cache, auto_expunge=auto_expunge, **fields
+            *filters, use_cache=use_cache, auto_expunge=auto_expunge, preload=preload, **fields
         )
         return self.check_not_found(item, fields or None)
 
@@ -175,6 +195,7 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         *filters: Any,
         use_cache: bool = True,
         auto_expunge: bool | None = None,
+        preload: Sequence[str] = (),
         **fields: Any,
     ) -> ModelT | None:
         """The one instance matching, or ``None``.
@@ -190,33 +211,19 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
             if item is None:
                 item = await self._read_entity(cache, ident)
         else:
-            result = await self.session.execute(self._select(filters, fields))
-            item = result.scalars().one_or_none()
+            item = await self._one_or_none(self._select(filters, fields))
+        await self._preload([item], preload, use_cache)
         self._expunge([item], auto_expunge)
         return item
 
     async def _read_entity(self, cache: CacheView, ident: Any) -> Any:
         landed = _FLIGHTS.landed
-        probe = await cache.aprobe(self.model_type, [ident])
+        probe = await cache.aprobe(self.model_type, [ident], self._sync_session)
         found = probe.results[0]
         if found is Lookup.MISS:
-
-            async def query() -> Any:
-                result = await self.session.execute(self._entity_statement(ident))
-                return result.scalars().one_or_none()
-
+            query = lambda: self._one_or_none(self._entity_statement(ident))  # noqa: E731
             found = await self._run(self._entity_read(cache, ident), query, probe, landed)
-        return self._settled(ident, found)
-
-    def _settled(self, ident: Any, found: Any) -> Any:
-        """What a read of ``ident`` returns: the session's own instance when it holds one.
-
-        While a read awaited the backend, another coroutine on this session (a ``gather``)
-        may have loaded the row; like ``session.get``, that instance wins over a second,
-        detached copy from the cache.
-        """
-        held = self._held(ident)
-        return _found(found) if held is None else held
+        return _found(found)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -228,11 +235,13 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         offset: int | None = None,
         use_cache: bool = True,
         auto_expunge: bool | None = None,
+        preload: Sequence[str] = (),
         **fields: Any,
     ) -> builtins.list[ModelT]:
         """Instances matching ``filters`` and ``fields``; cached under the model's list version."""
         statement = self._list_statement(filters, fields, order_by, limit, offset)
         items: builtins.list[ModelT] = await self._cached_query("list", statement, use_cache)
+        await self._preload(items, preload, use_cache)
         self._expunge(items, auto_expunge)
         return items
 
@@ -244,6 +253,7 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         offset: int | None = None,
         use_cache: bool = True,
         auto_expunge: bool | None = None,
+        preload: Sequence[str] = (),
         **fields: Any,
     ) -> tuple[builtins.list[ModelT], int]:
         """:meth:`list`, and how many rows match without ``limit`` and ``offset``."""
@@ -254,6 +264,7 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
             offset=offset,
             use_cache=use_cache,
             auto_expunge=auto_expunge,
+            preload=preload,
             **fields,
         )
         return items, await self.count(*filters, use_cache=use_cache, **fields)
@@ -275,7 +286,7 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         if cache is None or key is None:
             return await self._query(kind, statement, reload=False)
         landed = _FLIGHTS.landed
-        probe = await cache.aprobe_list(self.model_type, key)
+        probe = await cache.aprobe_list(self.model_type, key, self._sync_session)
         if probe.result is not Lookup.MISS:
             return probe.result
         read = self._query_read(cache, key)
@@ -289,7 +300,12 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         return int(value or 0)
 
     async def _all(self, statement: Select[Any]) -> builtins.list[Any]:
-        return list((await self.session.execute(statement)).scalars().all())
+        """The instances ``statement`` selects, each once (see :meth:`_one_or_none`)."""
+        return list((await self.session.execute(statement)).unique().scalars().all())
+
+    async def _one_or_none(self, statement: Select[Any]) -> Any:
+        """The instance ``statement`` selects, or ``None``; ``unique()`` as the sync one's."""
+        return (await self.session.execute(statement)).unique().scalars().one_or_none()
 
     # -- running a cached read ---------------------------------------------------------------
 
@@ -326,6 +342,15 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
             lock = self._sync_session.info[_QUERY_LOCK_KEY] = asyncio.Lock()
         async with lock:
             return await work
+
+    async def _preload(self, items: Sequence[Any], names: Sequence[str], use_cache: bool) -> None:
+        """Load relationships ``names`` of ``items`` together, from the cache when it may.
+
+        In the session's greenlet, as SQLAlchemy runs every load of an ``AsyncSession``.
+        """
+        if names:
+            manager = self._manager if use_cache else None
+            await self.session.run_sync(preload, manager, items, names)
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -366,8 +391,17 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         auto_expunge: bool | None = None,
         auto_refresh: bool | None = None,
     ) -> ModelT:
-        """Merge ``data`` (attached, or detached — e.g. from the cache) and write its changes."""
-        item = await self.session.merge(data)
+        """Write ``data``'s changes; flush, or commit with ``auto_commit``.
+
+        As the sync repository's ``update``: ``data`` the session holds is flushed as it
+        is, an instance with an identity it does not hold has only its changes written, a
+        transient one is merged.
+
+        Raises:
+            StaleDataError: the row was deleted, or (with a ``version_id_col``) changed
+                since ``data`` was loaded.
+        """
+        item = await self.session.run_sync(updated, data)
         await self._flush_or_commit(auto_commit)
         await self._refresh(item, auto_refresh)
         self._expunge([item], auto_expunge)

@@ -37,8 +37,7 @@ from declcache._keys import (
     primary_key_names,
     primary_key_values,
 )
-from declcache._listeners import SESSION_MANAGER_KEY, has_uncommitted_changes
-from declcache._private_apis import session_is_clean
+from declcache._listeners import SESSION_MANAGER_KEY, is_writing
 from declcache._scope import translate_map
 from declcache.exceptions import NotFoundError
 from declcache.repository._statement_key import query_key
@@ -83,44 +82,53 @@ class CacheView:
     """The manager as one session's reads use it: in that session's scope.
 
     Equal views are one scope of one manager, so a singleflight key holding a view is a
-    key per scope: a read in one tenant never lands on another tenant's flight.
+    key per scope: a read in one tenant never lands on another tenant's flight. The session
+    itself is not part of the view (sessions of one scope share flights); each read names
+    the session its hits enter.
     """
 
     manager: CacheManager
     scope: Scope
 
-    def probe(self, model: type, idents: Sequence[Ident]) -> Probe:
-        """:meth:`CacheManager.probe` in this scope."""
-        return self.manager.probe(model, idents, scope=self.scope)
+    def probe(self, model: type, idents: Sequence[Ident], session: Session) -> Probe:
+        """:meth:`CacheManager.probe` in this scope, its hits entering ``session``."""
+        return self.manager.probe(model, idents, scope=self.scope, session=session)
 
-    async def aprobe(self, model: type, idents: Sequence[Ident]) -> Probe:
-        """:meth:`CacheManager.aprobe` in this scope."""
-        return await self.manager.aprobe(model, idents, scope=self.scope)
+    async def aprobe(self, model: type, idents: Sequence[Ident], session: Session) -> Probe:
+        """:meth:`CacheManager.aprobe` in this scope, its hits entering ``session``."""
+        return await self.manager.aprobe(model, idents, scope=self.scope, session=session)
 
     def load_many(
-        self, model: type, idents: Sequence[Ident], loader: Callable[[list[Ident]], Any]
+        self,
+        model: type,
+        idents: Sequence[Ident],
+        loader: Callable[[list[Ident]], Any],
+        session: Session,
     ) -> list[Any]:
-        """:meth:`CacheManager.load_many` in this scope."""
-        return self.manager.load_many(model, idents, loader, scope=self.scope)
+        """:meth:`CacheManager.load_many` in this scope, its hits entering ``session``."""
+        return self.manager.load_many(model, idents, loader, scope=self.scope, session=session)
 
     async def aload_many(
         self,
         model: type,
         idents: Sequence[Ident],
         loader: Callable[[list[Ident]], Awaitable[Iterable[Any]]],
+        session: Session,
         *,
         probe: Probe | None = None,
     ) -> list[Any]:
-        """:meth:`CacheManager.aload_many` in this scope."""
-        return await self.manager.aload_many(model, idents, loader, probe=probe, scope=self.scope)
+        """:meth:`CacheManager.aload_many` in this scope, its hits entering ``session``."""
+        return await self.manager.aload_many(
+            model, idents, loader, probe=probe, scope=self.scope, session=session
+        )
 
-    def probe_list(self, model: type, query_key: str) -> ListProbe:
-        """:meth:`CacheManager.probe_list` in this scope."""
-        return self.manager.probe_list(model, query_key, scope=self.scope)
+    def probe_list(self, model: type, query_key: str, session: Session) -> ListProbe:
+        """:meth:`CacheManager.probe_list` in this scope, its hits entering ``session``."""
+        return self.manager.probe_list(model, query_key, scope=self.scope, session=session)
 
-    async def aprobe_list(self, model: type, query_key: str) -> ListProbe:
-        """:meth:`CacheManager.aprobe_list` in this scope."""
-        return await self.manager.aprobe_list(model, query_key, scope=self.scope)
+    async def aprobe_list(self, model: type, query_key: str, session: Session) -> ListProbe:
+        """:meth:`CacheManager.aprobe_list` in this scope, its hits entering ``session``."""
+        return await self.manager.aprobe_list(model, query_key, scope=self.scope, session=session)
 
 
 @dataclass(frozen=True)
@@ -214,7 +222,7 @@ class RepositoryBase(Generic[ModelT]):
         manager = self._manager
         if not use_cache or manager is None or not manager.is_cached(self.model_type):
             return None
-        if self._is_writing():
+        if is_writing(self._sync_session, self.model_type):
             logger.debug("%s read from the database: this session is writing it", self._name)
             return None
         scope = manager.scope(self._sync_session, self.model_type)
@@ -229,15 +237,6 @@ class RepositoryBase(Generic[ModelT]):
             else:
                 self._views[scope] = view
         return view
-
-    def _is_writing(self) -> bool:
-        """Whether the session holds pending or flushed, uncommitted changes to the model."""
-        session, model = self._sync_session, self.model_type
-        if not session_is_clean(session):  # a quick test first: most reads come with none
-            for items in (session.new, session.dirty, session.deleted):
-                if any(isinstance(item, model) for item in items):
-                    return True
-        return has_uncommitted_changes(session, model)
 
     @staticmethod
     def _flag(value: bool | None, default: bool) -> bool:
@@ -260,10 +259,12 @@ class RepositoryBase(Generic[ModelT]):
         return [column == value for column, value in zip(self._pk_columns, values, strict=True)]
 
     def _held(self, ident: Ident) -> Any:
-        """The instance the session already holds for primary key ``ident``, loaded; or ``None``.
+        """The instance the session holds for primary key ``ident``, unless expired; or ``None``.
 
         Like ``session.get``, a read of an identity the session holds returns that instance
-        rather than a second, detached copy from the cache.
+        without asking the cache. An expired one (after a commit) is refilled from the
+        cache instead of by a query: a hit of that identity enters the session as that very
+        instance (:mod:`declcache._assemble`).
         """
         if isinstance(ident, Mapping):
             if set(ident) != set(self._pk_names):
@@ -279,10 +280,9 @@ class RepositoryBase(Generic[ModelT]):
             item = identity_map.get(key)
         except (TypeError, KeyError):  # an unhashable or malformed ident
             return None
-        if item is None:
+        if item is None or inspect(item).expired:
             return None
-        state = inspect(item)
-        return None if state.expired or state.expired_attributes else item
+        return item
 
     def _entity_statement(self, ident: Ident) -> Select[Any]:
         """One row by key, reloaded even if the session holds it (see the module doc)."""
@@ -325,11 +325,14 @@ class RepositoryBase(Generic[ModelT]):
 
     def _entity_read(self, cache: CacheView, ident: Ident) -> CachedRead:
         model, manager, scope = self.model_type, cache.manager, cache.scope
+        session = self._sync_session
         return CachedRead(
             flight_key=self._entity_flight_key(cache, ident),
-            load=lambda loader, probe: manager.load(model, ident, loader, probe=probe, scope=scope),
+            load=lambda loader, probe: manager.load(
+                model, ident, loader, probe=probe, scope=scope, session=session
+            ),
             aload=lambda loader, probe: manager.aload(
-                model, ident, loader, probe=probe, scope=scope
+                model, ident, loader, probe=probe, scope=scope, session=session
             ),
             mutex=lambda: manager.fill_mutex(model, ident, scope=scope),
         )
@@ -383,13 +386,14 @@ class RepositoryBase(Generic[ModelT]):
     def _query_read(self, cache: CacheView, key: str) -> CachedRead:
         """The read-through of the query result cached under ``key``."""
         model, manager, scope = self.model_type, cache.manager, cache.scope
+        session = self._sync_session
         return CachedRead(
             flight_key=(cache, model, key),
             load=lambda loader, probe: manager.load_list(
-                model, key, loader, probe=probe, scope=scope
+                model, key, loader, probe=probe, scope=scope, session=session
             ),
             aload=lambda loader, probe: manager.aload_list(
-                model, key, loader, probe=probe, scope=scope
+                model, key, loader, probe=probe, scope=scope, session=session
             ),
             mutex=lambda: manager.fill_mutex(model, query_key=key, scope=scope),
         )

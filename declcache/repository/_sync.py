@@ -12,9 +12,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from declcache._api import Lookup
+from declcache._associations import preload
 from declcache._keys import match
 from declcache._singleflight import ThreadFlights
 from declcache.repository._base import CachedRead, ModelT, RepositoryBase, _found
+from declcache.repository._updates import updated
 
 if TYPE_CHECKING:
     import builtins
@@ -62,8 +64,11 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
         auto_refresh: refresh instances after ``add`` and ``update``.
         auto_commit: commit after writes (else flush).
 
-    Instances served from the cache are detached, with every column loaded; relationships are
-    not cached (``session.merge(obj, load=False)`` re-attaches one without a query).
+    An instance served from the cache is persistent in ``session`` as if the session had
+    loaded it (the instance the session already holds for that identity, if any): only the
+    columns changed afterwards are flushed, and relationships and the attributes the cache
+    does not hold load on access. With ``auto_expunge`` it is detached, as a database read
+    then expunged.
     """
 
     def __init__(
@@ -87,7 +92,12 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
     # -- entity reads ------------------------------------------------------------------------
 
     def get(
-        self, item_id: Any, *, use_cache: bool = True, auto_expunge: bool | None = None
+        self,
+        item_id: Any,
+        *,
+        use_cache: bool = True,
+        auto_expunge: bool | None = None,
+        preload: Sequence[str] = (),
     ) -> ModelT:
         """The instance with primary key ``item_id`` (a tuple for a composite key).
 
@@ -102,11 +112,17 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
             if item is None:
                 item = self._read_entity(cache, item_id)
         found = self.check_not_found(item, item_id)
+        self._preload([found], preload, use_cache)
         self._expunge([found], auto_expunge)
         return found
 
     def get_many(
-        self, item_ids: Sequence[Any], *, use_cache: bool = True, auto_expunge: bool | None = None
+        self,
+        item_ids: Sequence[Any],
+        *,
+        use_cache: bool = True,
+        auto_expunge: bool | None = None,
+        preload: Sequence[str] = (),
     ) -> builtins.list[ModelT | None]:
         """Instances for ``item_ids`` in that order, ``None`` where there is no row.
 
@@ -125,6 +141,7 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
             rest = [ident for ident, item in zip(idents, held, strict=True) if item is None]
             loaded = iter(self._load_many(cache, rest) if rest else [])
             items = [next(loaded) if item is None else item for item in held]
+        self._preload(items, preload, use_cache)
         self._expunge(items, auto_expunge)
         return items
 
@@ -132,13 +149,14 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
         def loader(missing: builtins.list[Any]) -> builtins.list[Any]:
             return self._all(self._many_statement(missing, reload=True))
 
-        return cache.load_many(self.model_type, idents, loader)
+        return cache.load_many(self.model_type, idents, loader, self.session)
 
     def get_one(
         self,
         *filters: Any,
         use_cache: bool = True,
         auto_expunge: bool | None = None,
+        preload: Sequence[str] = (),
         **fields: Any,
     ) -> ModelT:
         """The one instance matching; from the cache when ``fields`` are exactly a key.
@@ -147,7 +165,7 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
             NotFoundError: no row matches.
         """
         item = self.get_one_or_none(
-            *filters, use_cache=use_cache, auto_expunge=auto_expunge, **fields
+            *filters, use_cache=use_cache, auto_expunge=auto_expunge, preload=preload, **fields
         )
         return self.check_not_found(item, fields or None)
 
@@ -156,6 +174,7 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
         *filters: Any,
         use_cache: bool = True,
         auto_expunge: bool | None = None,
+        preload: Sequence[str] = (),
         **fields: Any,
     ) -> ModelT | None:
         """The one instance matching, or ``None``.
@@ -171,19 +190,20 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
             if item is None:
                 item = self._read_entity(cache, ident)
         else:
-            item = self.session.execute(self._select(filters, fields)).scalars().one_or_none()
+            item = self._one_or_none(self._select(filters, fields))
+        self._preload([item], preload, use_cache)
         self._expunge([item], auto_expunge)
         return item
 
     def _read_entity(self, cache: CacheView, ident: Any) -> Any:
         landed = _FLIGHTS.landed
-        probe = cache.probe(self.model_type, [ident])
+        probe = cache.probe(self.model_type, [ident], self.session)
         found = probe.results[0]
         if found is not Lookup.MISS:  # a hit: no plan, no singleflight, no statement
             return _found(found)
 
         def loader() -> Any:
-            return self.session.execute(self._entity_statement(ident)).scalars().one_or_none()
+            return self._one_or_none(self._entity_statement(ident))
 
         return self._run(self._entity_read(cache, ident), loader, probe, landed)
 
@@ -197,11 +217,13 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
         offset: int | None = None,
         use_cache: bool = True,
         auto_expunge: bool | None = None,
+        preload: Sequence[str] = (),
         **fields: Any,
     ) -> builtins.list[ModelT]:
         """Instances matching ``filters`` and ``fields``; cached under the model's list version."""
         statement = self._list_statement(filters, fields, order_by, limit, offset)
         items: builtins.list[ModelT] = self._cached_query("list", statement, use_cache)
+        self._preload(items, preload, use_cache)
         self._expunge(items, auto_expunge)
         return items
 
@@ -213,6 +235,7 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
         offset: int | None = None,
         use_cache: bool = True,
         auto_expunge: bool | None = None,
+        preload: Sequence[str] = (),
         **fields: Any,
     ) -> tuple[builtins.list[ModelT], int]:
         """:meth:`list`, and how many rows match without ``limit`` and ``offset``."""
@@ -223,6 +246,7 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
             offset=offset,
             use_cache=use_cache,
             auto_expunge=auto_expunge,
+            preload=preload,
             **fields,
         )
         return items, self.count(*filters, use_cache=use_cache, **fields)
@@ -244,7 +268,7 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
         if cache is None or key is None:
             return self._query(kind, statement, reload=False)
         landed = _FLIGHTS.landed
-        probe = cache.probe_list(self.model_type, key)
+        probe = cache.probe_list(self.model_type, key, self.session)
         if probe.result is not Lookup.MISS:
             return probe.result
         read = self._query_read(cache, key)
@@ -257,7 +281,16 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
         return int(value or 0)
 
     def _all(self, statement: Select[Any]) -> builtins.list[Any]:
-        return list(self.session.execute(statement).scalars().all())
+        """The instances ``statement`` selects, each once (see :meth:`_one_or_none`)."""
+        return list(self.session.execute(statement).unique().scalars().all())
+
+    def _one_or_none(self, statement: Select[Any]) -> Any:
+        """The instance ``statement`` selects, or ``None``.
+
+        ``unique()``: a model may load a collection ``lazy="joined"``, which repeats the row
+        once per member; SQLAlchemy refuses such a result without it.
+        """
+        return self.session.execute(statement).unique().scalars().one_or_none()
 
     # -- running a cached read ---------------------------------------------------------------
 
@@ -282,6 +315,11 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
         if self._reusable(outcome):
             return outcome.result()
         return read.load(loader, None)  # the leader filled the cache: normally a hit
+
+    def _preload(self, items: Sequence[Any], names: Sequence[str], use_cache: bool) -> None:
+        """Load relationships ``names`` of ``items`` together, from the cache when it may."""
+        if names:
+            preload(self.session, self._manager if use_cache else None, items, names)
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -322,8 +360,17 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
         auto_expunge: bool | None = None,
         auto_refresh: bool | None = None,
     ) -> ModelT:
-        """Merge ``data`` (attached, or detached — e.g. from the cache) and write its changes."""
-        item = self.session.merge(data)
+        """Write ``data``'s changes; flush, or commit with ``auto_commit``.
+
+        ``data`` the session holds is flushed as it is. Of an instance with an identity it
+        does not hold (detached, or another session's), only the attributes changed since
+        it was loaded are written, onto the row as it is now; a transient one is merged.
+
+        Raises:
+            StaleDataError: the row was deleted, or (with a ``version_id_col``) changed
+                since ``data`` was loaded.
+        """
+        item = updated(self.session, data)
         self._flush_or_commit(auto_commit)
         self._refresh(item, auto_refresh)
         self._expunge([item], auto_expunge)

@@ -9,14 +9,15 @@ instead of somewhere deep in a cache read.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from dogpile.cache import make_region
 from dogpile.cache import region as dogpile_region
-from sqlalchemy import Integer, create_engine, select
+from sqlalchemy import Integer, String, create_engine, event, select
 from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, reconstructor
+from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.util import greenlet_spawn
 
 from declcache import _payload, _private_apis
@@ -38,6 +39,16 @@ class Thing(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
 
 
+class Labelled(Base):
+    __tablename__ = "labelled"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    label: Mapped[str] = mapped_column(String(20))
+
+    @reconstructor
+    def _on_load(self) -> None:
+        self.reconstructed = True
+
+
 def test_session_is_clean_tells_a_session_with_changes() -> None:
     engine = create_engine("sqlite://")
     Base.metadata.create_all(engine)
@@ -49,6 +60,69 @@ def test_session_is_clean_tells_a_session_with_changes() -> None:
         assert _private_apis.session_is_clean(session)
         session.get(Thing, 1).id = 2  # type: ignore[union-attr]
         assert not _private_apis.session_is_clean(session)
+
+
+def _new_row(ident: int, label: str) -> Labelled:
+    """A new ``Labelled`` holding a row's values and its identity key, as a load makes one."""
+    item = Labelled.__mapper__.class_manager.new_instance()
+    state = instance_state(item)
+    state.dict.update({"id": ident, "label": label})
+    state.key = Labelled.__mapper__.identity_key_from_primary_key((ident,))
+    return item
+
+
+def test_load_as_persistent_enters_states_as_a_load_does() -> None:
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    fired: list[tuple[str, Any]] = []
+
+    def loaded(_target: Any, context: Any) -> None:
+        fired.append(("load", context))
+
+    event.listen(Labelled, "load", loaded)
+    try:
+        with Session(engine) as session:
+            event.listen(session, "loaded_as_persistent", lambda _, it: fired.append(("as", it)))
+            rows = [_new_row(1, "one"), _new_row(2, "two")]
+            states = [instance_state(row) for row in rows]
+            _private_apis.load_as_persistent(session, states)
+
+            assert all(state.persistent and not state.modified for state in states)
+            assert session.get(Labelled, 1) is rows[0]  # from the identity map, no query
+            assert rows[0].reconstructed  # the mapper's own load listener ran too
+            assert fired == [("load", None), ("load", None), ("as", rows[0]), ("as", rows[1])]
+            rows[0].label = "changed"
+            assert list(session.dirty) == [rows[0]]
+    finally:
+        event.remove(Labelled, "load", loaded)
+
+
+def test_refresh_as_loaded_commits_refilled_attributes_and_fires_refresh() -> None:
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    refreshed: list[tuple[Any, Any]] = []
+
+    def refresh(_target: Any, context: Any, keys: Any) -> None:
+        refreshed.append((context, keys))
+
+    event.listen(Labelled, "refresh", refresh)
+    try:
+        with Session(engine) as session:
+            row = _new_row(1, "one")
+            state = instance_state(row)
+            _private_apis.load_as_persistent(session, [state])
+            session.expire(row)
+            state.dict.update({"id": 1, "label": "two"})
+            _private_apis.refresh_as_loaded(state, ["id", "label"])
+
+            assert not state.expired
+            assert not state.expired_attributes
+            assert not state.modified
+            event.listen(engine, "before_cursor_execute", pytest.fail)  # no query from here
+            assert row.label == "two"
+            assert refreshed == [(None, ["id", "label"])]
+    finally:
+        event.remove(Labelled, "refresh", refresh)
 
 
 def test_held_connection_is_the_transactions_connection_with_its_options() -> None:
@@ -200,3 +274,46 @@ def test_cache_items_and_lru_order_are_cachetools_own_state() -> None:
     lru["c"] = 3  # evicts the least recently used: now "b"
     assert set(items) == {"a", "c"}
     assert _private_apis.cache_items(cachetools.Cache(4)) == {}
+
+
+def test_class_loader_is_what_an_unloaded_relationship_access_calls() -> None:
+    from sqlalchemy import ForeignKey
+    from sqlalchemy.orm import configure_mappers, relationship
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Parent(Base):
+        __tablename__ = "loader_parents"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        children: Mapped[list[Child]] = relationship()
+
+    class Child(Base):
+        __tablename__ = "loader_children"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        parent_id: Mapped[int] = mapped_column(ForeignKey("loader_parents.id"))
+
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    configure_mappers()
+    mapper = Parent.__mapper__
+    original = _private_apis.class_loader(mapper, "children")
+    assert callable(original)
+    calls: list[str] = []
+
+    def loader(state: Any, passive: Any) -> Any:
+        calls.append(state.key[1][0])
+        return [Child(id=9, parent_id=1)]
+
+    _private_apis.set_class_loader(mapper, "children", loader)
+    try:
+        with Session(engine) as session:
+            session.add(Parent(id=1))
+            session.commit()
+            parent = session.get(Parent, 1)
+            assert parent is not None
+            assert [child.id for child in parent.children] == [9]
+    finally:
+        _private_apis.set_class_loader(mapper, "children", original)  # type: ignore[arg-type]
+    assert calls == [1]
+    assert _private_apis.class_loader(mapper, "children") is original

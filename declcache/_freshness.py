@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Connection
     from sqlalchemy.orm import SessionTransaction
+    from sqlalchemy.orm.state import InstanceState
 
 __all__ = [
     "REPLICA_LAG_OPTION",
@@ -76,14 +77,16 @@ _lock = threading.Lock()
 _lag_seen = [0.0]
 
 
-def _stamp(target: object, context: Any, *_args: object) -> None:
+def _stamp(state: InstanceState[Any], context: Any, *_args: object) -> None:
     """Stamp a loaded instance with the view it was read from: ``(since, replica lag)``.
 
-    Worked out once per query (``QueryContext.attributes``), not once per row.
+    Worked out once per query (``QueryContext.attributes``), not once per row. Registered
+    ``raw``: every cache hit entering a session comes through here, and resolving the
+    instance's state again would cost it more than the stamp itself.
     """
-    info = inspect(target).info
-    if context is None:  # ``merge(load=False)``, as a cache hit enters a session: no query
-        info[_LOADED_AT] = time.monotonic()  # as cheap as before: a hit may come this way
+    info = state.info
+    if context is None:  # a cache hit assembled into a session (or a merge): no query
+        info[_LOADED_AT] = time.monotonic()  # the look-up just made: its data is that new
         return
     memo = context.attributes
     seen = memo.get(_LOADED_AT)
@@ -173,8 +176,8 @@ def install() -> None:
     with _lock:
         if _installed.is_set():
             return
-        event.listen(Mapper, "load", _stamp)
-        event.listen(Mapper, "refresh", _stamp)
+        event.listen(Mapper, "load", _stamp, raw=True)
+        event.listen(Mapper, "refresh", _stamp, raw=True)
         event.listen(Session, "after_begin", _transaction_began)
         event.listen(Engine, "before_cursor_execute", _before_statement)
         event.listen(Engine, "commit", _transaction_ended)

@@ -46,7 +46,7 @@ from declcache._keys import normalized, primary_key_names
 from declcache._listeners import is_writing
 from declcache._payload import COLLECTION
 from declcache._private_apis import class_loader, set_class_loader
-from declcache._reads import ListProbe, _lagging, joined_token
+from declcache._reads import ListProbe, fill_entry, joined_token, lagging
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -219,7 +219,7 @@ class _RelationshipRead:
         if seen is None or seen.version is None or cache is None or not isinstance(result, list):
             return
         since, lag = _freshness.view(self.session)
-        if since < seen.started or _lagging(cache, lag, seen, ()):
+        if since < seen.started or lagging(cache, lag, seen, ()):
             cache.counters.add("fills_refused")
             return
         try:
@@ -228,7 +228,8 @@ class _RelationshipRead:
             logger.debug("%s not cached: %r", self.prop, error)
             return
         key = cache.keys.list_key(collection_key(self.prop, self.parents[index]))
-        run(_store(cache, key, seen.version, body), cache.store)
+        payload = cache.fitting(cache.payloads.dump(seen.version, COLLECTION, *body))
+        run(fill_entry(cache, key, payload), cache.store)
 
 
 def _serves(manager: CacheManager, model: type, name: str) -> bool:
@@ -304,18 +305,6 @@ def _ids(cache: ModelCache, payload: Any) -> list[Any] | None:
         cache.counters.add("errors")
         logger.warning("%s: ignoring an undecodable cached collection: %r", cache.name, error)
         return None
-
-
-def _store(cache: ModelCache, key: str, version: str, body: list[Any]) -> Flow[None]:
-    payload = cache.fitting(cache.payloads.dump(version, COLLECTION, *body))
-    if payload is None:
-        return
-    try:
-        yield Call("write_many", [(key, payload, cache.server_ttl)])
-    except Exception as error:
-        cache.fault("set", error)
-        return
-    cache.counters.add("fills")
 
 
 # -- preloading ------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CODEC_VERSION",
+    "IMMUTABLE_TYPES",
     "PROCESSING_DIALECT",
     "ModelCodec",
     "Row",
@@ -495,8 +496,9 @@ def fingerprint(mapper: Mapper[Any], format_name: str) -> str:
 #: no converter at all, and a decorator's converts ``None`` too.
 _Step = tuple[str, "type | None", "Decode | None", bool]
 
-#: Types of immutable values: instances built from one decoded row may share them.
-_IMMUTABLE = frozenset(
+#: Types of immutable values: instances built from one decoded row may share them, and
+#: statement keys spell them by ``repr``.
+IMMUTABLE_TYPES = frozenset(
     {
         type(None),
         bool,
@@ -653,7 +655,7 @@ class ModelCodec:
         mutable = tuple(
             name
             for name, value in loaded.items()
-            if type(value) not in _IMMUTABLE and not isinstance(value, enum.Enum)
+            if type(value) not in IMMUTABLE_TYPES and not isinstance(value, enum.Enum)
         )
         return Row(loaded, self._mapper.identity_key_from_primary_key(primary_key), mutable)
 

@@ -19,7 +19,7 @@ How a read stays correct (see docs/invalidation.md):
   it raced with may have expired);
 * a row read from a replica that declares a lag of ``L`` seconds is only filled over values
   and tokens written more than ``L`` seconds before the look-up: a younger tombstone or token
-  marks a commit the replica may not have applied yet (see :func:`_lagging`);
+  marks a commit the replica may not have applied yet (see :func:`lagging`);
 * every list payload carries the model's *list version* token, replaced on every change.
 """
 
@@ -54,7 +54,9 @@ __all__ = [
     "Probe",
     "Ticket",
     "created_token",
+    "fill_entry",
     "joined_token",
+    "lagging",
     "load",
     "load_list",
     "missed",
@@ -349,14 +351,14 @@ def _fill_swaps(
         if writes is None:
             continue
         expected = {key: ticket.observed.get(key) for key in writes}
-        if _lagging(cache, _freshness.replica_lag(instance), ticket, expected.values()):
+        if lagging(cache, _freshness.replica_lag(instance), ticket, expected.values()):
             cache.counters.add("fills_refused")
             continue
         swaps.extend((key, expected[key], value) for key, value in writes.items())
     if cache.spec.cache_not_found:
         keys = [key for key in absent if key]
         seen = [ticket.observed.get(key) for key in keys]
-        if keys and _lagging(cache, _freshness.replica_lag_seen(), ticket, seen):
+        if keys and lagging(cache, _freshness.replica_lag_seen(), ticket, seen):
             cache.counters.add("fills_refused", len(keys))
             return swaps
         not_found = cache.payloads.dump(ticket.generation, NOT_FOUND)
@@ -364,7 +366,7 @@ def _fill_swaps(
     return swaps
 
 
-def _lagging(
+def lagging(
     cache: ModelCache,
     lag: float,
     ticket: Ticket | ListProbe,
@@ -466,7 +468,7 @@ def _list_fresh(cache: ModelCache, seen: ListProbe, result: Any) -> bool:
         return False
     lags = [_freshness.replica_lag(item) for item in items if _mapped(item)]
     lag = max(lags) if lags else _freshness.replica_lag_seen()
-    if _lagging(cache, lag, seen, ()):
+    if lagging(cache, lag, seen, ()):
         cache.counters.add("fills_refused")
         return False
     return True
@@ -493,6 +495,11 @@ def _store_list(cache: ModelCache, key: str, version: str, result: Any) -> Flow[
         logger.debug("%s list not cached: %r", cache.name, error)
         cache.counters.add("errors")
         return
+    yield from fill_entry(cache, key, payload)
+
+
+def fill_entry(cache: ModelCache, key: str, payload: bytes | None) -> Flow[None]:
+    """Write one list-versioned entry (``None``: nothing fits); a fault is counted, not raised."""
     if payload is None:
         return
     try:

@@ -21,13 +21,10 @@ once; a later statement of the same shape only has its values extracted.
 
 from __future__ import annotations
 
-import datetime as dt
-import decimal
 import enum
 import hashlib
 import logging
 import threading
-import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +63,7 @@ from sqlalchemy.sql.selectable import (
 )
 from sqlalchemy.sql.util import find_tables
 
+from declcache._codec import IMMUTABLE_TYPES
 from declcache._private_apis import statement_cache_key
 
 if TYPE_CHECKING:
@@ -187,20 +185,8 @@ _DETERMINISTIC = (
     CollationClause,
 )
 
-_PLAIN = (
-    type(None),
-    bool,
-    int,
-    float,
-    str,
-    bytes,
-    decimal.Decimal,
-    dt.datetime,
-    dt.date,
-    dt.time,
-    dt.timedelta,
-    uuid.UUID,
-)
+#: Values whose ``repr`` is stable text: the immutable column values the codec knows.
+_PLAIN = tuple(IMMUTABLE_TYPES)
 
 
 class UnkeyableError(ValueError):

@@ -1,4 +1,4 @@
-"""What the benchmark runs against: the model, the rows, the databases and the cache servers.
+"""What the benchmark runs against: the models, the rows, the databases and the cache servers.
 
 Everything the run creates is its own: a temporary SQLite file, a PostgreSQL database named
 ``declcache_bench_<random>`` (dropped at the end), and cache keys under a random prefix
@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Boolean, DateTime, Integer, Numeric, String, create_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, Numeric, String, create_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 ROWS = 1_000
 TTL = 600
+#: Parents of the collection cases, and the children each one has.
+AUTHORS = 100
+POSTS_PER_AUTHOR = 10
 
 REDIS = os.environ.get("DECLCACHE_TEST_REDIS") or "127.0.0.1:6379"
 MEMCACHED = os.environ.get("DECLCACHE_TEST_MEMCACHED") or "127.0.0.1:11211"
@@ -48,6 +51,57 @@ class Account(Base):
 
     class CacheMeta:
         ttl = TTL
+
+
+class Author(Base):
+    """A parent whose collection of posts is a cached relationship (issue 15)."""
+
+    __tablename__ = "bench_authors"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(100))
+    posts: Mapped[list[Post]] = relationship(order_by="Post.id")
+
+    class CacheMeta:
+        ttl = TTL
+        cached_relationships = ("posts",)
+
+
+class Post(Base):
+    """A child of :class:`Author`: what a cached ``author.posts`` holds the ids of."""
+
+    __tablename__ = "bench_posts"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    author_id: Mapped[int] = mapped_column(ForeignKey("bench_authors.id"), index=True)
+    title: Mapped[str] = mapped_column(String(200))
+    words: Mapped[int] = mapped_column(Integer)
+    published_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+
+    class CacheMeta:
+        ttl = TTL
+
+
+def make_authors() -> list[Author]:
+    """``AUTHORS`` authors with ``POSTS_PER_AUTHOR`` posts each (post ids are consecutive)."""
+    rng = random.Random(15)
+    start = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+    return [
+        Author(
+            id=a,
+            name=f"Author {a}",
+            posts=[
+                Post(
+                    id=(a - 1) * POSTS_PER_AUTHOR + n,
+                    title=f"Post {n} of author {a}",
+                    words=rng.randint(100, 5_000),
+                    published_at=start + dt.timedelta(seconds=rng.randint(0, 10**8)),
+                )
+                for n in range(1, POSTS_PER_AUTHOR + 1)
+            ],
+        )
+        for a in range(1, AUTHORS + 1)
+    ]
 
 
 def make_rows() -> list[Account]:
@@ -127,6 +181,7 @@ class Databases:
             Base.metadata.create_all(engine)
             with Session(engine) as session:
                 session.add_all(make_rows())
+                session.add_all(make_authors())
                 session.commit()
             engine.dispose()
         return databases

@@ -51,13 +51,16 @@ def steps(stack: Stack, db: str) -> list[tuple[str, Callable[[int], Any] | None]
     entries = {i: cache.current(raws[i][1], generation) for i in keys}
     bodies = {i: entry.body for i, entry in entries.items() if entry is not None}
     rows = {i: cache.codec.decode_row(bodies[i]) for i in keys}
-    instances = {i: cache.codec.build(rows[i]) for i in keys}
     session = sessions()
     repository = _cases.AccountRepository(session=session)
 
     def fresh_session(_i: int) -> None:
         with sessions():
             pass
+
+    def joined(i: int) -> None:
+        with sessions() as fresh:
+            cache.instances([rows[i]], fresh)
 
     return [
         ("fresh Session() + close", fresh_session),
@@ -85,7 +88,8 @@ def steps(stack: Stack, db: str) -> list[tuple[str, Callable[[int], Any] | None]
         ("  json.loads(payload) (…and this)", lambda i: json.loads(payloads[i])),
         ("  codec.decode_row (…and this)", lambda i: cache.codec.decode_row(bodies[i])),
         ("codec.build (detached instance of a decoded row)", lambda i: cache.codec.build(rows[i])),
-        ("cache.owns (key re-check of the result)", lambda i: cache.owns(instances[i], keys[i])),
+        ("cache.owns (key re-check of the row)", lambda i: cache.owns(rows[i], keys[i])),
+        ("fresh Session() + cache.instances (joins the session)", joined),
         ("counters.add (locked)", lambda _i: cache.counters.add("hits", 0)),
         ("manager.probe (all of the manager)", lambda i: manager.probe(_env.Account, [i])),
         (

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import _cases, _env, _profile
+from bench import _cases, _env, _profile, _relationships
 from bench._cases import Case, Stack
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -105,7 +105,7 @@ def measure(
         rng.shuffle(order)
         for case in order:
             gc.collect()
-            chunk(case, options.ops if case.section != "100 rows" else options.ops // 10, True)
+            chunk(case, max(1, options.ops // case.ops_divisor), keep=True)
         print(f"  round {round_ + 1}/{options.rounds} done", file=sys.stderr)
 
 
@@ -403,6 +403,8 @@ def plot(cases: list[Case], path: Path, title: str) -> None:
         "100 rows": "#9467bd",
         "write": "#8c564b",
         "layers": "#17becf",
+        "collections": "#bcbd22",
+        "20 parents": "#e377c2",
     }
     figure, axes = plt.subplots(figsize=(10, 0.28 * len(shown) + 1.5))
     names = [case.name for case in shown]
@@ -504,6 +506,8 @@ def build_cases(
     cases: list[Case] = []
     for db in options.databases:
         cases += _cases.uncached_cases(stack, db)
+        cases += _cases.bypass_cases(stack, db)
+        cases += _relationships.uncached_cases(stack, db)
     rows = _profile._rows(stack, first_db)
     floors = [_cases.floor_case(stack, backend, rows) for backend in backends]
     cases += floors
@@ -511,6 +515,9 @@ def build_cases(
     for backend in [*backends, *([_env.NEAR] if "redis" in backends else [])]:
         for db in options.databases:
             cases += _cases.hit_cases(stack, backend, db)
+    for backend in backends:
+        for db in options.databases:
+            cases += _relationships.cached_cases(stack, backend, db)
     peer_problem = None if not options.no_peer else "advanced-alchemy skipped: --no-peer"
     peer_problem = peer_problem or _peer_available()
     if peer_problem is None:
@@ -554,6 +561,12 @@ def report(
     width = max((len(row[0]) for row in rows), default=10)
     for label, value, verdict in rows:
         print(f"  {label:<{width}}  {value:>8}  {verdict}")
+    compared = _relationships.comparisons(by_name, options.databases, options.backends)
+    if compared:
+        print("\nIssue 15: cached reads against the same reads uncached (ratios of medians):\n")
+        width = max(len(row[0]) for row in compared)
+        for label, value, medians in compared:
+            print(f"  {label:<{width}}  {value:>8}  ({medians})")
     for name, value in extras.items():
         if name.startswith("near cache"):
             print(f"\n  {name}: reads of random ids, 1 committed update by another manager")
@@ -598,6 +611,7 @@ def report(
         "machine": about,
         "medians_us": by_name,
         "targets": rows,
+        "issue 15": compared,
         "extras": extras,
         "notes": notes,
     }

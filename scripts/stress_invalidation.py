@@ -34,6 +34,19 @@ Scenarios (``--scenario``) add the deployments that can race:
   a value below the real delay (0, say) is a negative control that must find stale reads.
   The summary gives the replica's largest real lag (``replica_max_lag_s``, measured by the
   replicator); a real lag above the declared one voids the guarantee.
+* ``collections``: the readers read *parents* through the stock repository (``get``, and every
+  ``--list-every``-th read ``list(preload=("children",))``) and then their ``children``
+  collection, which the parent model declares in ``CacheMeta.cached_relationships``: served
+  from the cache as member ids, the members read through the child model's entity cache.
+  The writers insert children (``--children`` per parent at the start, ids from a pool twice
+  that size), delete them and move them to another parent (change the foreign key; every
+  ``--bulk-every``-th write moves one by an ORM bulk ``UPDATE``). See
+  :func:`change_collection` for how a collection gets a version and :func:`check_parent`
+  for what is stale.
+
+``--blind-writers`` is a negative control for every scenario: the writers' sessions name no
+cache manager, so their commits invalidate nothing, and the run must report stale reads (it
+shows that the checks can see one).
 
 Usage::
 
@@ -60,22 +73,32 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
+    Column,
     ForeignKey,
     Integer,
     String,
+    Table,
+    Text,
     bindparam,
     create_engine,
+    event,
+    insert,
     select,
     text,
     update,
 )
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Session, mapped_column, relationship
 
 from declcache import CacheConfig, CacheManager, setup_cache_listeners
+from declcache.repository import SQLAlchemySyncRepository
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 DEFAULT_POSTGRES = os.environ.get(
     "DECLCACHE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -111,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--scenario",
-        choices=["updates", "cascades", "bulk-mappings", "fingerprints", "replicas"],
+        choices=["updates", "cascades", "bulk-mappings", "fingerprints", "replicas", "collections"],
         default="updates",
         help="what the writers do besides ORM updates (see the module doc)",
     )
@@ -140,13 +163,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="replicas: declare this lag instead; below the real delay it is a negative "
         "control, which must report stale reads",
     )
+    parser.add_argument(
+        "--blind-writers",
+        action="store_true",
+        help="writers commit through sessions without a cache manager: nothing is "
+        "invalidated; a negative control, which must report stale reads",
+    )
+    parser.add_argument(
+        "--children",
+        type=int,
+        default=4,
+        help="collections: children per parent at the start (the pool of ids is twice that)",
+    )
     parser.add_argument("--key-prefix", default=f"dcstress{secrets.token_hex(4)}:")
     parser.add_argument("--table", default="declcache_stress_rows")
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
     args.cache = args.cache or DEFAULT_CACHE[args.backend]
-    if args.writers < 1 or args.readers < 1 or args.rows < 1 or args.duration <= 0:
-        parser.error("--writers, --readers, --rows and --duration must be positive")
+    if min(args.writers, args.readers, args.rows, args.children) < 1 or args.duration <= 0:
+        parser.error("--writers, --readers, --rows, --children and --duration must be positive")
+    if args.scenario == "collections" and args.rows < 2:
+        parser.error("collections: a child moves between parents, --rows must be at least 2")
     if args.write_interval is None:
         args.write_interval = 0.15 if args.scenario == "replicas" else 0.0
     if args.replica_lag_declared is None:
@@ -162,18 +199,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @dataclass
 class Models:
-    """The declarative base, the cached row model and its (uncached) parent."""
+    """The declarative base, the cached row model and its parent.
+
+    With ``collections``, the parent is cached too, with its ``children`` (``child``, cached)
+    in ``cached_relationships``, and ``history`` is the table of the collections' versions.
+    """
 
     base: Any
     row: Any
     parent: Any
+    child: Any = None
+    history: Any = None
 
 
-def make_models(table: str, *, extra_column: bool = True) -> Models:
-    """The models of ``table`` and its parents' table.
+def make_models(table: str, *, extra_column: bool = True, collections: bool = False) -> Models:
+    """The models of ``table`` and its parents' table (and, with ``collections``, more).
 
     ``extra_column=False`` maps the row table without its ``extra`` column: another schema
     fingerprint of the same table, as the previous release of a rolling deploy would have.
+    ``collections=True`` adds the ``version`` of the parent's collection, the children's table
+    and the history of every collection (``<table>_history``: parent, version, member ids).
     """
 
     class Base(DeclarativeBase):
@@ -192,16 +237,37 @@ def make_models(table: str, *, extra_column: bool = True) -> Models:
     if extra_column:
         columns["extra"] = mapped_column(String(40), nullable=True)
     row = type("StressRow", (Base,), columns)
-    parent = type(
-        "StressParent",
+    parent_columns: dict[str, Any] = {
+        "__tablename__": f"{table}_parents",
+        "id": mapped_column(Integer, primary_key=True, autoincrement=False),
+        "rows": relationship(row, passive_deletes=True),
+    }
+    if not collections:
+        return Models(Base, row, type("StressParent", (Base,), parent_columns))
+    child = type(
+        "StressChild",
         (Base,),
         {
-            "__tablename__": f"{table}_parents",
+            "__tablename__": f"{table}_children",
             "id": mapped_column(Integer, primary_key=True, autoincrement=False),
-            "rows": relationship(row, passive_deletes=True),
+            "parent_id": mapped_column(Integer, ForeignKey(f"{table}_parents.id"), index=True),
+            "version": mapped_column(Integer, default=0),  # the stamp of its last write
+            "CacheMeta": type("CacheMeta", (), {"ttl": 300}),
         },
     )
-    return Models(Base, row, parent)
+    parent_columns.update(
+        version=mapped_column(Integer, default=0),  # the version of its collection
+        children=relationship(child, order_by=child.id),
+        CacheMeta=type("CacheMeta", (), {"ttl": 300, "cached_relationships": ("children",)}),
+    )
+    history = Table(
+        f"{table}_history",
+        Base.metadata,
+        Column("parent_id", Integer, primary_key=True),
+        Column("version", Integer, primary_key=True),
+        Column("members", Text, nullable=False),
+    )
+    return Models(Base, row, type("StressParent", (Base,), parent_columns), child, history)
 
 
 def cache_config(args: argparse.Namespace) -> CacheConfig:
@@ -229,6 +295,8 @@ class Shared:
     committed: Any  # multiprocessing Array: per row, the highest version whose commit returned
     deleted: Any  # multiprocessing Array: per row, 1 once the commit deleting it returned
     applied: Any  # multiprocessing Array: per row, the highest version the replica committed
+    members: Any  # multiprocessing Array: per child id, the highest stamp whose commit returned
+    stamps: Any  # multiprocessing Value: the last stamp handed out (children's versions)
     start: Any  # multiprocessing Event: go
     replicating: Any  # multiprocessing Event: the replicator's first copy committed
     stop: Any  # multiprocessing Event: every writer and reader is done (ends the replicator)
@@ -250,6 +318,9 @@ class Context:
     deadline: float
     report: dict[str, Any] = field(default_factory=dict)
     replica: Any = None  # the replica's engine (scenario ``replicas``), else None
+    members: Any = None  # scenario ``collections``: see Shared
+    stamps: Any = None
+    audit: Any = None  # scenario ``collections``, readers: an engine no cache is near
 
     def running(self) -> bool:
         return time.monotonic() < self.deadline and self.report["ops"] < MAX_OPERATIONS
@@ -276,10 +347,15 @@ def worker(role: str, index: int, args: argparse.Namespace, shared: Shared) -> N
             return
         # a rolling deploy: odd workers run the previous release, without the extra column
         previous = args.scenario == "fingerprints" and index % 2 == 1
-        models = make_models(args.table, extra_column=not previous)
-        model = models.row
+        collections = args.scenario == "collections"
+        models = make_models(args.table, extra_column=not previous, collections=collections)
         setup_cache_listeners()
+        seed = None if args.seed is None else f"{args.seed}-{role}-{index}"
         engine = create_engine(args.postgres, pool_size=2, max_overflow=0)
+        audit = None
+        if collections and role == "reader":
+            audit = create_engine(args.postgres, pool_size=1, max_overflow=0)
+            widen_fill_race(engine, args.loader_delay_ms / 1000, random.Random(seed))
         replica = None
         if args.replica_url is not None and role == "reader":
             options = {}
@@ -289,7 +365,6 @@ def worker(role: str, index: int, args: argparse.Namespace, shared: Shared) -> N
                 args.replica_url, pool_size=2, max_overflow=0, execution_options=options
             )
         manager = CacheManager(cache_config(args))
-        seed = None if args.seed is None else f"{args.seed}-{role}-{index}"
         if not shared.start.wait(GRACE):
             raise TimeoutError("never told to start")
         context = Context(
@@ -304,17 +379,34 @@ def worker(role: str, index: int, args: argparse.Namespace, shared: Shared) -> N
             deadline=time.monotonic() + args.duration,
             report=report,
             replica=replica,
+            members=shared.members,
+            stamps=shared.stamps,
+            audit=audit,
         )
-        (write_loop if role == "writer" else read_loop)(context)
-        stats = manager.stats().get(model.__name__)
-        report["cache"] = stats.as_dict() if stats is not None else {}
-        engine.dispose()
-        if replica is not None:
-            replica.dispose()
+        loops = (write_loop, read_loop) if not collections else (write_changes, read_parents)
+        loops[role != "writer"](context)
+        report["cache"] = summed(stats.as_dict() for stats in manager.stats().values())
+        for used in (engine, replica, audit):
+            if used is not None:
+                used.dispose()
     except BaseException:
         report["error"] = traceback.format_exc()
     finally:
         shared.results.put(report)
+
+
+def summed(counters: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Counters added up by name (over models, over workers)."""
+    total: dict[str, int] = {}
+    for each in counters:
+        for name, value in each.items():
+            total[name] = total.get(name, 0) + value
+    return total
+
+
+def writer_info(ctx: Context) -> dict[str, Any]:
+    """A writer's ``Session.info``: its manager, unless ``--blind-writers`` hides it."""
+    return {} if ctx.args.blind_writers else {"cache_manager": ctx.manager}
 
 
 def write_loop(ctx: Context) -> None:
@@ -323,7 +415,7 @@ def write_loop(ctx: Context) -> None:
     while ctx.running():
         row_id = ctx.rng.randrange(args.rows)
         special = args.bulk_every > 0 and report["ops"] % args.bulk_every == args.bulk_every - 1
-        with Session(ctx.engine, info={"cache_manager": ctx.manager}) as session:
+        with Session(ctx.engine, info=writer_info(ctx)) as session:
             version = _write(ctx, session, row_id, special=special)
             session.commit()
         # commit() returned: from now on no read that starts may see an older version.
@@ -450,6 +542,240 @@ def read_loop(ctx: Context) -> None:
         report["ops"] += 1
 
 
+# --- scenario ``collections``: cached one-to-many collections -----------------------------------
+
+
+def pool_size(args: argparse.Namespace) -> int:
+    """How many child ids there are: half of them exist at the start."""
+    return 2 * args.rows * args.children
+
+
+def spelled(ids: Iterable[int]) -> str:
+    """A collection's member ids as the history stores them: ascending, comma-separated."""
+    return ",".join(str(child_id) for child_id in ids)
+
+
+@dataclass
+class Change:
+    """One committed write: the parents whose collection it changed, with their new version,
+    and the child it stamped (``None`` when it deleted one)."""
+
+    kind: str  # inserts, deletes, moves
+    bulk: bool
+    parents: list[tuple[int, int]]
+    child: tuple[int, int] | None
+
+
+def write_changes(ctx: Context) -> None:
+    """Insert, delete and move children, one change per transaction; see change_collection."""
+    args, report = ctx.args, ctx.report
+    report.update(writes=0, bulk_writes=0, inserts=0, deletes=0, moves=0, conflicts=0)
+    while ctx.running():
+        special = args.bulk_every > 0 and report["ops"] % args.bulk_every == args.bulk_every - 1
+        report["ops"] += 1
+        try:
+            with Session(ctx.engine, info=writer_info(ctx)) as session:
+                change = change_collection(ctx, session, bulk=special)
+                session.commit()
+        except DBAPIError as error:
+            if not lost_a_race(error):
+                raise
+            report["conflicts"] += 1  # rolled back: nothing committed, nothing to record
+            continue
+        # commit() returned: from now on no read that starts may see an older collection
+        with ctx.committed.get_lock():
+            for parent_id, version in change.parents:
+                ctx.committed[parent_id] = max(ctx.committed[parent_id], version)
+        if change.child is not None:
+            child_id, stamp = change.child
+            with ctx.members.get_lock():
+                ctx.members[child_id] = max(ctx.members[child_id], stamp)
+        report["bulk_writes" if change.bulk else "writes"] += 1
+        report[change.kind] += 1
+        if args.write_interval > 0:
+            time.sleep(ctx.rng.uniform(0, 2 * args.write_interval))
+
+
+def change_collection(ctx: Context, session: Session, *, bulk: bool) -> Change:
+    """Insert, delete or move one child; give each parent it touches a new collection version.
+
+    A collection's version is its parent's ``version`` column: the write raises it, in the
+    transaction that changes the collection, and records the collection's member ids under it
+    in the history table. Writers of one collection are serialized by its parent's row lock,
+    taken before the members are read, so each version names exactly one membership, the one
+    its transaction commits. Locks are taken child first, then parents in ascending order (no
+    lock is awaited while a parent is held, but a new id's unique index). A child's
+    ``version`` is a stamp from a counter all writers share, taken under the child's lock:
+    it only grows, even across a deletion and a new insert of the same id. With ``bulk``, an
+    existing child moves by an ORM bulk ``UPDATE`` instead of the unit of work.
+    """
+    child_model, rng, rows = ctx.models.child, ctx.rng, ctx.args.rows
+    child_id = rng.randrange(pool_size(ctx.args))
+    if bulk:  # a bulk write moves a child: one that exists (unless it is gone by the lock)
+        present = session.scalars(select(child_model.id).order_by(child_model.id)).all()
+        child_id = rng.choice(present) if present else child_id
+    child = session.get(child_model, child_id, with_for_update=True)
+    stamp = next_stamp(ctx)
+    if child is None:
+        target = rng.randrange(rows)
+        lock_parents(ctx, session, [target])
+        session.add(child_model(id=child_id, parent_id=target, version=stamp))
+        kind, bulk, touched = "inserts", False, [target]
+    elif not bulk and rng.random() < 1 / 3:
+        lock_parents(ctx, session, [child.parent_id])
+        session.delete(child)
+        kind, touched = "deletes", [child.parent_id]
+    else:
+        source = child.parent_id
+        target = (source + rng.randrange(1, rows)) % rows
+        touched = lock_parents(ctx, session, [source, target])
+        if bulk:
+            session.execute(
+                update(child_model)
+                .where(child_model.id == child_id)
+                .values(parent_id=target, version=stamp)
+            )
+        else:
+            child.parent_id, child.version = target, stamp
+        kind = "moves"
+    session.flush()
+    versions = [(parent_id, record_version(ctx, session, parent_id)) for parent_id in touched]
+    return Change(kind, bulk, versions, None if kind == "deletes" else (child_id, stamp))
+
+
+def next_stamp(ctx: Context) -> int:
+    with ctx.stamps.get_lock():
+        ctx.stamps.value += 1
+        return int(ctx.stamps.value)
+
+
+def lock_parents(ctx: Context, session: Session, parent_ids: list[int]) -> list[int]:
+    """Lock the parents' rows, in ascending order; their ids, in that order."""
+    ordered = sorted(set(parent_ids))
+    for parent_id in ordered:
+        session.get(ctx.models.parent, parent_id, with_for_update=True)
+    return ordered
+
+
+def record_version(ctx: Context, session: Session, parent_id: int) -> int:
+    """Raise the (locked) parent's collection version; record its members under it."""
+    parent, child = ctx.models.parent, ctx.models.child
+    found = session.get(parent, parent_id)
+    found.version += 1
+    members = session.scalars(
+        select(child.id).where(child.parent_id == parent_id).order_by(child.id)
+    )
+    session.execute(
+        insert(ctx.models.history).values(
+            parent_id=parent_id, version=found.version, members=spelled(members)
+        )
+    )
+    return int(found.version)
+
+
+def lost_a_race(error: DBAPIError) -> bool:
+    """A write that lost to another writer: the same new id inserted twice, or a deadlock."""
+    return isinstance(error, IntegrityError) or "deadlock detected" in str(error.orig)
+
+
+@dataclass
+class Seen:
+    """A parent as a reader saw it: its collection version and its children, in order."""
+
+    id: int
+    version: int
+    children: list[tuple[int, int]]  # (id, version)
+
+
+def read_parents(ctx: Context) -> None:
+    """Read a parent (every ``--list-every``-th read: all of them) and its children."""
+    args, parent, report = ctx.args, ctx.models.parent, ctx.report
+    report.update(reads=0, list_reads=0, rows_checked=0, collections_checked=0, stale=0)
+    report["samples"] = []
+    repository = type("StressParents", (SQLAlchemySyncRepository,), {"model_type": parent})
+    while ctx.running():
+        listing = args.list_every > 0 and report["ops"] % args.list_every == args.list_every - 1
+        with Session(ctx.engine, info={"cache_manager": ctx.manager}) as session:
+            parents = repository(session=session)
+            floors, member_floors = ctx.committed[:], ctx.members[:]  # before the read starts
+            if listing:
+                found = parents.list(order_by=parent.id, preload=("children",))
+            else:
+                found = [parents.get(ctx.rng.randrange(args.rows))]
+            seen = [
+                Seen(p.id, p.version, [(child.id, child.version) for child in p.children])
+                for p in found
+            ]
+        for each in seen:
+            check_parent(ctx, each, floors[each.id], member_floors, "list" if listing else "get")
+        report["list_reads" if listing else "reads"] += 1
+        report["ops"] += 1
+
+
+def check_parent(ctx: Context, seen: Seen, floor: int, member_floors: list[int], kind: str) -> None:
+    """Stale: anything older than what had committed before the read began.
+
+    That is: the parent's row below its collection version ``floor``; member ids that are
+    not the membership of any version from ``floor`` on (the history says which, read after
+    the read from a database connection no cache is near); or a member whose stamp is below
+    the last stamp of that child whose commit had returned.
+    """
+    report = ctx.report
+    report["collections_checked"] += 1
+    report["rows_checked"] += 1 + len(seen.children)
+    problems = []
+    if seen.version < floor:
+        problems.append("parent row")
+    history = ctx.models.history
+    with ctx.audit.connect() as connection:
+        fresh = set(
+            connection.scalars(
+                select(history.c.members).where(
+                    history.c.parent_id == seen.id, history.c.version >= floor
+                )
+            )
+        )
+    members = spelled(child_id for child_id, _ in seen.children)
+    if members not in fresh:
+        problems.append("collection")
+    problems += [
+        f"member {child_id}"
+        for child_id, version in seen.children
+        if version < member_floors[child_id]
+    ]
+    if not problems:
+        return
+    report["stale"] += 1
+    if len(report["samples"]) < SAMPLES:
+        report["samples"].append(
+            {
+                "parent": seen.id,
+                "read": kind,
+                "problems": problems,
+                "committed_before_read": floor,
+                "seen_version": seen.version,
+                "seen_children": seen.children,
+                "memberships_since": sorted(fresh)[:5],
+            }
+        )
+
+
+def widen_fill_race(engine: Any, delay: float, rng: random.Random) -> None:
+    """Sleep up to ``delay`` seconds after each statement a reader's engine runs.
+
+    Between a ``SELECT`` and the cache fill it leads to, as ``--loader-delay-ms`` does in
+    the loaders of the other scenarios: a commit landing in that window is the race the
+    stale-fill guard must win.
+    """
+    if delay <= 0:
+        return
+
+    def pause(*_args: Any) -> None:
+        time.sleep(rng.uniform(0, delay))
+
+    event.listen(engine, "after_cursor_execute", pause)
+
+
 def replicate_loop(args: argparse.Namespace, shared: Shared, report: dict[str, Any]) -> None:
     """Copy every row primary -> replica, then wait ``--replica-delay`` seconds; repeat.
 
@@ -507,7 +833,7 @@ def replicate_loop(args: argparse.Namespace, shared: Shared, report: dict[str, A
 
 
 def prepare_table(args: argparse.Namespace, url: str | None = None) -> None:
-    models = make_models(args.table)
+    models = make_models(args.table, collections=args.scenario == "collections")
     engine = create_engine(url or args.postgres)
     try:
         models.base.metadata.drop_all(engine)
@@ -518,13 +844,29 @@ def prepare_table(args: argparse.Namespace, url: str | None = None) -> None:
             session.add_all(
                 models.row(id=i, parent_id=i, version=0, note="") for i in range(args.rows)
             )
+            if models.child is not None:
+                add_children(args, models, session)
             session.commit()
     finally:
         engine.dispose()
 
 
+def add_children(args: argparse.Namespace, models: Models, session: Session) -> None:
+    """Children ``0 .. rows x children - 1``, child ``i`` in parent ``i % rows``: version 0
+    of every collection, in the history too."""
+    present = range(args.rows * args.children)
+    session.add_all(models.child(id=i, parent_id=i % args.rows, version=0) for i in present)
+    session.execute(
+        insert(models.history),
+        [
+            {"parent_id": p, "version": 0, "members": spelled(present[p :: args.rows])}
+            for p in range(args.rows)
+        ],
+    )
+
+
 def drop_table(args: argparse.Namespace) -> None:
-    models = make_models(args.table)
+    models = make_models(args.table, collections=args.scenario == "collections")
     engine = create_engine(args.postgres)
     try:
         models.base.metadata.drop_all(engine)
@@ -579,6 +921,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         committed=context.Array("q", args.rows),
         deleted=context.Array("b", args.rows),
         applied=context.Array("q", args.rows),
+        members=context.Array("q", pool_size(args) if args.scenario == "collections" else 0),
+        stamps=context.Value("q", 0),
         start=context.Event(),
         replicating=context.Event(),
         stop=context.Event(),
@@ -638,19 +982,23 @@ def summarize(
     def total(role: str, name: str) -> int:
         return sum(r.get(name, 0) for r in reports if r["role"] == role)
 
-    cache: dict[str, int] = {}
-    for report in reports:
-        for name, value in report.get("cache", {}).items():
-            cache[name] = cache.get(name, 0) + value
+    cache = summed(report.get("cache", {}) for report in reports)
     errors = [f"{r['role']}-{r['index']}: {r['error']}" for r in reports if r["error"]]
     if len(reports) < expected:
         errors.append(f"{expected - len(reports)} workers never reported")
     stale_samples = [sample for r in reports for sample in r.get("samples", [])][:SAMPLES]
     writes, bulk = total("writer", "writes"), total("writer", "bulk_writes")
     reads, lists = total("reader", "reads"), total("reader", "list_reads")
-    replica: dict[str, Any] = {}
+    scenario: dict[str, Any] = {}
+    if args.scenario == "collections":
+        scenario = {
+            "children_pool": pool_size(args),
+            **{name: total("writer", name) for name in ("inserts", "deletes", "moves")},
+            "write_conflicts": total("writer", "conflicts"),
+            "collections_checked": total("reader", "collections_checked"),
+        }
     if args.scenario == "replicas":
-        replica = {
+        scenario = {
             "replica_delay_s": args.replica_delay,
             "replica_lag_declared_s": args.replica_lag_declared,
             "replica_copies": total("replicator", "copies"),
@@ -670,7 +1018,7 @@ def summarize(
         "writers": args.writers,
         "readers": args.readers,
         "rows": args.rows,
-        "operations": writes + bulk + reads + lists,
+        "operations": writes + bulk + reads + lists + total("writer", "conflicts"),
         "writes": writes,
         "bulk_writes": bulk,
         "reads": reads,
@@ -678,7 +1026,7 @@ def summarize(
         "rows_checked": total("reader", "rows_checked"),
         "stale_reads": total("reader", "stale"),
         "stale_samples": stale_samples,
-        **replica,
+        **scenario,
         "cache_stats": cache,
         "worker_errors": errors,
     }

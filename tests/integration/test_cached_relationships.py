@@ -11,6 +11,7 @@ both sides: one process) and Redis.
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -359,22 +360,20 @@ def test_a_collection_change_elsewhere_is_seen_by_the_next_read(
     assert _essays(sides.engine, sides.reader) == expected
 
 
-def _join_from_writer(engine: Engine, manager: CacheManager) -> None:
+def _join(engine: Engine, manager: CacheManager, *, from_club: bool) -> None:
     with Session(engine, info={"cache_manager": manager}) as session:
         writer, club = session.get(Writer, 1), session.get(Club, 2)
         assert writer is not None
         assert club is not None
-        writer.clubs.append(club)
+        if from_club:
+            club.writers.append(writer)
+        else:
+            writer.clubs.append(club)
         session.commit()
 
 
-def _join_from_club(engine: Engine, manager: CacheManager) -> None:
-    with Session(engine, info={"cache_manager": manager}) as session:
-        writer, club = session.get(Writer, 1), session.get(Club, 2)
-        assert writer is not None
-        assert club is not None
-        club.writers.append(writer)
-        session.commit()
+_join_from_writer = functools.partial(_join, from_club=False)
+_join_from_club = functools.partial(_join, from_club=True)
 
 
 def _join_by_core(engine: Engine, manager: CacheManager) -> None:

@@ -45,7 +45,7 @@ from declcache._frames import manager_of
 from declcache._keys import normalized, primary_key_names
 from declcache._listeners import is_writing
 from declcache._payload import COLLECTION
-from declcache._private_apis import class_loader, set_class_loader
+from declcache._private_apis import class_loader, in_greenlet, set_class_loader
 from declcache._reads import ListProbe, fill_entry, joined_token, lagging
 
 if TYPE_CHECKING:
@@ -144,9 +144,24 @@ def _read_of(
         return None  # a flush or a backref asking what is at hand; or a pending parent
     session = state.session
     manager = None if session is None else manager_of(session)
-    if session is None or manager is None:
+    if session is None or manager is None or _outside_greenlet(session, prop):
         return None
     return _RelationshipRead.plan(manager, session, prop, [state])
+
+
+def _outside_greenlet(session: Session, prop: RelationshipProperty[Any]) -> bool:
+    """Whether this access of an ``AsyncSession``'s instance is a plain attribute access.
+
+    SQLAlchemy's loader raises ``MissingGreenlet`` there; the cache must not answer instead
+    only when it hits, or code that works while the cache is warm fails on its first miss.
+    ``awaitable_attrs`` and ``preload`` run in the greenlet, where the cache answers.
+    """
+    if in_greenlet():
+        return False
+    try:
+        return bool(session.get_bind(prop.parent).dialect.is_async)
+    except Exception:  # no bind to tell: SQLAlchemy's loader will say what is wrong
+        return True
 
 
 @dataclass

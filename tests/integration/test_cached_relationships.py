@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import factory
 import pytest
 from sqlalchemy import Column, ForeignKey, Integer, String, Table, create_engine, delete, insert
+from sqlalchemy.exc import MissingGreenlet
 from sqlalchemy.ext.asyncio import AsyncAttrs, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -576,6 +577,34 @@ def test_async_hits_serve_cached_relationships(
     assert hit_selects == 0  # writer 1 and its essays, warmed: all from the cache
     assert preloaded == [{"writer 1": ["club 1"], "writer 2": ["club 1", "club 2"]}] * 3
     assert counts[-1] == 0
+
+
+def test_async_plain_access_raises_as_sqlalchemy_does_even_when_cached(
+    engine: Engine, database_url: str, reader: CacheManager
+) -> None:
+    """Code that works only while the cache is warm would fail on its first miss."""
+    _seed(engine)
+    _warm(engine, reader)
+    url = database_url.replace("sqlite://", "sqlite+aiosqlite://").replace(
+        "postgresql://", "postgresql+asyncpg://"
+    )
+
+    async def read() -> None:
+        async_engine = create_async_engine(url)
+        sessions = async_sessionmaker(async_engine, info={"cache_manager": reader})
+        try:
+            async with sessions() as session:
+                writer = await AsyncWriterRepo(session=session).get(1)
+                with pytest.raises(MissingGreenlet):
+                    _ = writer.essays
+                assert [e.title for e in await writer.awaitable_attrs.essays] == [
+                    "essay 1",
+                    "essay 2",
+                ]
+        finally:
+            await async_engine.dispose()
+
+    asyncio.run(read())
 
 
 # -- configuration -------------------------------------------------------------------------------

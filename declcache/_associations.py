@@ -361,12 +361,29 @@ def preload(
 def _select_in(
     session: Session, mapper: Mapper[Any], prop: RelationshipProperty[Any], states: list[Any]
 ) -> None:
-    """Load ``prop`` of ``states`` (persistent) in one ``selectinload`` query."""
+    """Load ``prop`` of ``states`` (persistent) in one query, as ``selectinload`` does.
+
+    A collection: one query of the members joined through the relationship's own join
+    condition (a custom ``primaryjoin`` or an association table included), each row naming its
+    parent's key. A many-to-one: the parents again, with ``selectinload``.
+    """
     columns = list(mapper.primary_key)
     keys = [state.key[1] for state in states]
-    if len(columns) == 1:
-        where = columns[0].in_([key[0] for key in keys])
-    else:
-        where = tuple_(*columns).in_(keys)
-    statement = select(mapper).where(where).options(selectinload(getattr(mapper.class_, prop.key)))
-    session.execute(statement).unique().all()
+    where = (
+        columns[0].in_([key[0] for key in keys])
+        if len(columns) == 1
+        else tuple_(*columns).in_(keys)
+    )
+    attribute = getattr(mapper.class_, prop.key)
+    if prop.direction is RelationshipDirection.MANYTOONE or prop.mapper.common_parent(mapper):
+        # a reference, or members of the parent's own class (the join would need aliases)
+        session.execute(select(mapper).where(where).options(selectinload(attribute))).unique().all()
+        return
+    statement = (
+        select(*columns, prop.mapper).select_from(mapper).join(attribute).where(where)
+    ).order_by(*columns, *(prop.order_by or ()))
+    found: dict[tuple[Any, ...], list[Any]] = {key: [] for key in keys}
+    for row in session.execute(statement).unique():
+        found[tuple(row[: len(columns)])].append(row[-1])
+    for state, key in zip(states, keys, strict=True):
+        set_committed_value(state.obj(), prop.key, found[key])

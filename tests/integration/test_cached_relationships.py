@@ -534,9 +534,9 @@ def test_preloading_a_list_of_parents_costs_no_query_once_cached(
             }
         counts.append(len(sent))
 
-    # cold: the list, then per relationship the parents and their selectin query; then the
-    # members by id (their entity cache fills); then nothing
-    assert counts == [5, 2, 0]
+    # cold: the list, then one query per relationship; then the members by id (their entity
+    # cache fills); then nothing
+    assert counts == [3, 2, 0]
 
 
 # -- async -----------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Table, inspect, select, tuple_
+from sqlalchemy import Table, inspect, select
 from sqlalchemy.orm import PassiveFlag, RelationshipDirection, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -42,7 +42,7 @@ from declcache import _freshness
 from declcache._api import Lookup
 from declcache._driver import Call, run
 from declcache._frames import manager_of
-from declcache._keys import normalized, primary_key_names
+from declcache._keys import normalized, primary_key_names, primary_keys_in
 from declcache._listeners import is_writing
 from declcache._payload import COLLECTION
 from declcache._private_apis import class_loader, in_greenlet, set_class_loader
@@ -369,11 +369,7 @@ def _select_in(
     """
     columns = list(mapper.primary_key)
     keys = [state.key[1] for state in states]
-    where = (
-        columns[0].in_([key[0] for key in keys])
-        if len(columns) == 1
-        else tuple_(*columns).in_(keys)
-    )
+    where = primary_keys_in(columns, keys)
     attribute = getattr(mapper.class_, prop.key)
     if prop.direction is RelationshipDirection.MANYTOONE or prop.mapper.common_parent(mapper):
         # a reference, or members of the parent's own class (the join would need aliases)

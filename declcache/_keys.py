@@ -46,12 +46,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from sqlalchemy import tuple_
 from sqlalchemy import types as sqltypes
 from sqlalchemy.orm.attributes import instance_state
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
+    from sqlalchemy import ColumnElement
     from sqlalchemy.orm import Mapper
     from sqlalchemy.sql.type_api import TypeEngine
 
@@ -69,6 +71,7 @@ __all__ = [
     "normalized",
     "primary_key_names",
     "primary_key_values",
+    "primary_keys_in",
 ]
 
 #: Memcached's limit, and so the limit of every key declcache writes.
@@ -122,6 +125,15 @@ def primary_key_names(mapper: Mapper[Any]) -> KeySet:
 def primary_key_values(ident: Ident) -> tuple[Any, ...]:
     """The values of a primary-key ident: a tuple for a composite key, else one value."""
     return ident if isinstance(ident, tuple) else (ident,)
+
+
+def primary_keys_in(
+    columns: Sequence[ColumnElement[Any]], keys: Sequence[tuple[Any, ...]]
+) -> ColumnElement[bool]:
+    """``columns IN keys``: one column's values, or row values for a composite key."""
+    if len(columns) == 1:
+        return columns[0].in_([key[0] for key in keys])
+    return tuple_(*columns).in_(keys)
 
 
 def ident_parts(ident: Ident, primary_key: KeySet) -> tuple[KeySet, tuple[Any, ...]]:

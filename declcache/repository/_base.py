@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Se
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, Select, func, inspect, literal, select, tuple_
+from sqlalchemy import ColumnElement, Select, func, inspect, literal, select
 
 from declcache._api import Ident, Lookup
 from declcache._keys import (
@@ -36,6 +36,7 @@ from declcache._keys import (
     normalized,
     primary_key_names,
     primary_key_values,
+    primary_keys_in,
 )
 from declcache._listeners import SESSION_MANAGER_KEY, is_writing
 from declcache._scope import translate_map
@@ -295,11 +296,7 @@ class RepositoryBase(Generic[ModelT]):
     def _many_statement(self, idents: Sequence[Ident], *, reload: bool) -> Select[Any]:
         """All rows of ``idents`` (primary keys) in one query."""
         tuples = [primary_key_values(ident) for ident in idents]
-        if len(self._pk_columns) == 1:
-            where = self._pk_columns[0].in_([values[0] for values in tuples])
-        else:
-            where = tuple_(*self._pk_columns).in_(tuples)
-        statement = select(self.model_type).where(where)
+        statement = select(self.model_type).where(primary_keys_in(self._pk_columns, tuples))
         return statement.execution_options(populate_existing=True) if reload else statement
 
     def _key_ident(

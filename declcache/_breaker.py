@@ -21,8 +21,10 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from declcache._secrets import redact
+
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
     from types import TracebackType
 
     from declcache._api import AsyncStore, Store, Swap, Write
@@ -65,11 +67,20 @@ class Breaker:
     Args:
         interval: seconds to stay open after a fault; ``0`` never opens.
         clock: monotonic time source (tests pass a fake one).
+        secrets: texts the warning it logs on opening must not show (a client's error can
+            quote what it was configured with).
     """
 
-    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        secrets: Iterable[str] = (),
+    ) -> None:
         self.interval = interval
         self._clock = clock
+        self._secrets = frozenset(secrets)
         self._state: State = "closed"
         self._until = 0.0
         self._opened_at = float("-inf")
@@ -170,9 +181,10 @@ class Breaker:
                 self._opened_at = started
         if was == "closed":
             logger.warning(
-                "cache backend failed (%r): circuit breaker open, calls skipped for %.3g s "
+                "cache backend failed (%s): circuit breaker open, calls skipped for %.3g s "
                 "at a time until it answers",
-                error,
+                # A text, not the error: a record holding it would keep its traceback's frames.
+                redact(repr(error), self._secrets),
                 self.interval,
             )
 

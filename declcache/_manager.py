@@ -90,7 +90,7 @@ class CacheManager:
         self._lock = threading.RLock()
         self._faults = FaultLog(logger, secrets=self._config.secrets)
         self._scope_warnings = scope_warnings()
-        self._breaker = Breaker(self._config.breaker_interval)
+        self._breaker = Breaker(self._config.breaker_interval, secrets=self._config.secrets)
         self._enabled = self._config.enabled and self._dogpile_available()
         self._backend = (
             backends.open_backend(self._config.backend, self._config.arguments, self._config)

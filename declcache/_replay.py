@@ -9,7 +9,8 @@ invalidations its cache is not read. The queue is bounded: past its limit a mode
 While anything is queued a daemon thread retries every :data:`REPLAY_INTERVAL` seconds, so
 an idle (or exiting-soon) process still delivers its invalidations to the processes that
 share the backend; readers in this process also trigger a retry. Only one replay runs at a
-time, and entries are removed only once written.
+time, and entries are removed only once written. The thread holds its queue weakly: a
+manager the application drops stops retrying instead of living on with its dead backend.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -94,14 +96,12 @@ class ReplayQueue:
             if self._thread is not None and self._thread.is_alive():
                 return
             self._thread = threading.Thread(
-                target=self._retry_until_empty, name="declcache-replay", daemon=True
+                target=_retry_until_empty,
+                args=(weakref.ref(self),),
+                name="declcache-replay",
+                daemon=True,
             )
             self._thread.start()
-
-    def _retry_until_empty(self) -> None:
-        while self:
-            time.sleep(REPLAY_INTERVAL)
-            self.replay()
 
     def replay(self, *, now: bool = False) -> None:
         """Write what is queued if the backend answers; at most once per interval.
@@ -139,6 +139,17 @@ class ReplayQueue:
             logger.info("replayed %d queued invalidations after a backend fault", len(pending))
         finally:
             self._replay_lock.release()
+
+
+def _retry_until_empty(queue_ref: weakref.ref[ReplayQueue]) -> None:
+    """Replay ``queue_ref``'s queue every interval until it is empty or garbage."""
+    while True:
+        time.sleep(REPLAY_INTERVAL)
+        queue = queue_ref()
+        if not queue:  # None (its manager was dropped) or nothing left to write
+            return
+        queue.replay()
+        del queue  # not held across the sleep, so the manager can be collected
 
 
 class Invalidator:

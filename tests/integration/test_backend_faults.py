@@ -15,6 +15,7 @@ no redis-py retries), as a user's would.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import threading
@@ -184,6 +185,27 @@ def test_queued_invalidation_reaches_other_processes_without_further_use_of_the_
     assert writer.pending_invalidations > 0
     sleep_until(paused_until + 2 * replay_module.REPLAY_INTERVAL)
     assert other.get(Item, 1) == NEW
+
+
+def replay_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "declcache-replay"]
+
+
+def test_a_dropped_manager_stops_replaying(
+    engine: Engine, key_prefix: str, private_redis: _servers.RedisProcess
+) -> None:
+    """An application that drops a manager whose backend is dead leaves no thread behind."""
+    before = set(replay_threads())
+    manager = CacheManager(redis_config(private_redis, key_prefix))
+    warm(Reader(engine, manager), 1)
+    private_redis.stop()
+    commit_rename(engine, manager, 1, "new")
+    assert manager.pending_invalidations > 0
+    (thread,) = set(replay_threads()) - before
+    del manager
+    gc.collect()
+    thread.join(10 * replay_module.REPLAY_INTERVAL)
+    assert not thread.is_alive()
 
 
 def test_queue_overflow_invalidates_the_whole_model_on_recovery(

@@ -29,6 +29,7 @@ from sqlalchemy.orm import (
     mapped_column,
     relationship,
 )
+from sqlalchemy.orm.mapper import _CONFIGURE_MUTEX
 
 from declcache import CacheConfig, CacheManager, setup_cache_listeners
 from declcache.exceptions import CacheMetaError
@@ -625,27 +626,33 @@ class _Other(DeclarativeBase):
 def test_an_unservable_cached_relationship_is_a_cache_meta_error(
     declared: str, message: str
 ) -> None:
-    class Holder(_Other):
-        __tablename__ = f"relc_holder_{declared}"
-        id: Mapped[int] = mapped_column(primary_key=True)
-        dynamic_items = relationship(f"Item_{declared}", lazy="dynamic", viewonly=True)
-        raising_items = relationship(f"Item_{declared}", lazy="raise", viewonly=True)
+    # Declared and configured under SQLAlchemy's configure lock, as one module import: a
+    # query in another thread of the suite must not configure Holder before Item exists.
+    with _CONFIGURE_MUTEX:
+        try:
 
-        class CacheMeta:
-            cached_relationships = (declared,)
+            class Holder(_Other):
+                __tablename__ = f"relc_holder_{declared}"
+                id: Mapped[int] = mapped_column(primary_key=True)
+                dynamic_items = relationship(f"Item_{declared}", lazy="dynamic", viewonly=True)
+                raising_items = relationship(f"Item_{declared}", lazy="raise", viewonly=True)
 
-    type(
-        f"Item_{declared}",
-        (_Other,),
-        {
-            "__tablename__": f"relc_item_{declared}",
-            "id": Column(Integer, primary_key=True),
-            "holder_id": Column(ForeignKey(f"relc_holder_{declared}.id")),
-        },
-    )
+                class CacheMeta:
+                    cached_relationships = (declared,)
 
-    with pytest.raises(CacheMetaError) as error:
-        configure_mappers()
+            type(
+                f"Item_{declared}",
+                (_Other,),
+                {
+                    "__tablename__": f"relc_item_{declared}",
+                    "id": Column(Integer, primary_key=True),
+                    "holder_id": Column(ForeignKey(f"relc_holder_{declared}.id")),
+                },
+            )
+
+            with pytest.raises(CacheMetaError) as error:
+                configure_mappers()
+        finally:
+            _Other.registry.dispose()  # a failure here must not fail every later configure
     assert error.value.attribute == "cached_relationships"
     assert message in str(error.value)
-    _Other.registry.dispose()

@@ -100,9 +100,12 @@ def test_check_names_the_user_not_the_password(
     assert SECRET not in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("breaker_interval", [0, 1.0], ids=["no-breaker", "breaker"])
 @pytest.mark.parametrize("name", NAMES[:4])
 def test_faults_are_logged_without_the_secret(
     name: str,
+    breaker_interval: float,
+    *,
     redis_address: tuple[str, int],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -110,7 +113,7 @@ def test_faults_are_logged_without_the_secret(
 ) -> None:
     for variable, value in configurations(*redis_address)[name].items():
         monkeypatch.setenv(variable, value)
-    config = CacheConfig.from_env(breaker_interval=0)
+    config = CacheConfig.from_env(breaker_interval=breaker_interval)
     reset_factories()
     db = SQLAlchemySyncConfig(
         connection_string=f"sqlite:///{tmp_path}/secrets.db", cache_config=config

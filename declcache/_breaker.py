@@ -11,20 +11,28 @@ logged once, under ``declcache.breaker``.
 model's sync and async store: one breaker serves both. While it is closed a call only needs
 bookkeeping when it fails (:meth:`Breaker.failed`); otherwise each call is an
 :meth:`Breaker.attempt`, which admits it, tells whether it is the probe, and records its end.
+
+Only a call that reached the backend changes the state: a near-cache hit never does (the
+near cache sits in front of the guarded store). The replay of queued invalidations must not
+wait for the interval — every second of it is a second other processes may read rows this
+one changed — so its calls run under :func:`probing_now`: each goes to the backend as a
+probe whatever the state, and its success closes the breaker for everyone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from declcache._secrets import redact
+from declcache._secrets import describe_error
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Sequence
     from types import TracebackType
 
     from declcache._api import AsyncStore, Store, Swap, Write
@@ -35,11 +43,28 @@ __all__ = [
     "Breaker",
     "BreakerStats",
     "GuardedStore",
+    "probing_now",
 ]
 
 logger = logging.getLogger("declcache.breaker")
 
 State = Literal["closed", "open", "half-open"]
+
+_probing_now: ContextVar[bool] = ContextVar("declcache_probing_now", default=False)
+
+
+@contextlib.contextmanager
+def probing_now() -> Iterator[None]:
+    """Calls made inside go to the backend even while a breaker is open, each as a probe.
+
+    For the background replay only: it runs off every request's path, so a dead backend
+    costs it a timeout, never a request. A failure keeps the breaker open for requests.
+    """
+    token = _probing_now.set(True)
+    try:
+        yield
+    finally:
+        _probing_now.reset(token)
 
 
 class BackendUnavailable(ConnectionError):
@@ -69,6 +94,7 @@ class Breaker:
         clock: monotonic time source (tests pass a fake one).
         secrets: texts the warning it logs on opening must not show (a client's error can
             quote what it was configured with).
+        target: where the backend is (``host=…, port=…``), for that warning to name.
     """
 
     def __init__(
@@ -77,10 +103,12 @@ class Breaker:
         clock: Callable[[], float] = time.monotonic,
         *,
         secrets: Iterable[str] = (),
+        target: str = "",
     ) -> None:
         self.interval = interval
         self._clock = clock
         self._secrets = frozenset(secrets)
+        self._target = target
         self._state: State = "closed"
         self._until = 0.0
         self._opened_at = float("-inf")
@@ -120,9 +148,14 @@ class Breaker:
         return self.admit() is not None
 
     def admit(self) -> Literal["call", "probe"] | None:
-        """``"call"`` when closed, ``"probe"`` for the one probe, ``None`` when refused."""
+        """``"call"`` when closed, ``"probe"`` for the one probe, ``None`` when refused.
+
+        Under :func:`probing_now` every call that finds it not closed is a probe.
+        """
         if self.state == "closed":
             return "call"
+        if _probing_now.get():
+            return "probe" if self._current() != "closed" else "call"
         with self._lock:
             state = self._current()  # again, under the lock
             now = self._clock()
@@ -147,7 +180,7 @@ class Breaker:
                 return
             self._state = "closed"
             self._closed_at = started
-        logger.warning("cache backend answers again: circuit breaker closed")
+        logger.warning("cache backend (%s) answers again: circuit breaker closed", self._target)
 
     def abandoned(self, started: float) -> None:
         """The probe that began at ``started`` ended without an answer (it was cancelled).
@@ -181,10 +214,11 @@ class Breaker:
                 self._opened_at = started
         if was == "closed":
             logger.warning(
-                "cache backend failed (%s): circuit breaker open, calls skipped for %.3g s "
+                "cache backend (%s) failed: %s; circuit breaker open, calls skipped for %.3g s "
                 "at a time until it answers",
+                self._target,
                 # A text, not the error: a record holding it would keep its traceback's frames.
-                redact(repr(error), self._secrets),
+                describe_error(error, self._secrets),
                 self.interval,
             )
 

@@ -35,6 +35,7 @@ from declcache._near import AsyncNearStore, NearCache, NearCacheStats
 from declcache._registry import cached_models, declared_meta, watch
 from declcache._replay import Invalidator
 from declcache._scope import scope_of, scope_warnings
+from declcache._secrets import describe_target
 from declcache._stats import FaultLog, ModelStats, StatsHook
 from declcache.exceptions import SettingsError
 from declcache.settings import CacheConfig
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.ext.asyncio import AsyncSession
 
-    from declcache._api import Ident, Store
+    from declcache._api import AsyncStore, Ident, Store
     from declcache._reads import ListProbe, Probe
 
 __all__ = ["CacheManager"]
@@ -88,9 +89,12 @@ class CacheManager:
         self._on_stats = on_stats
         self._caches: dict[type, ModelCache | None] = {}
         self._lock = threading.RLock()
-        self._faults = FaultLog(logger, secrets=self._config.secrets)
+        target = describe_target(self._config.arguments)
+        self._faults = FaultLog(logger, secrets=self._config.secrets, target=target)
         self._scope_warnings = scope_warnings()
-        self._breaker = Breaker(self._config.breaker_interval, secrets=self._config.secrets)
+        self._breaker = Breaker(
+            self._config.breaker_interval, secrets=self._config.secrets, target=target
+        )
         self._enabled = self._config.enabled and self._dogpile_available()
         self._backend = (
             backends.open_backend(self._config.backend, self._config.arguments, self._config)
@@ -98,7 +102,11 @@ class CacheManager:
             else None
         )
         self._near = (
-            NearCache(self._config.key_prefix, self._config.near_cache_max_entries)
+            NearCache(
+                self._config.key_prefix,
+                self._config.near_cache_max_entries,
+                breaker=self._breaker,
+            )
             if self._enabled and self._config.near_cache
             else None
         )
@@ -169,18 +177,20 @@ class CacheManager:
         if spec is None or not spec.enabled:
             return None
         region = self._region(backend, spec)
-        store: Store = backend.store(region)
+        raw = backend.store(region)
+        store: Store = GuardedStore(raw, self._breaker)
+        astore: AsyncStore
         if self._near is None:
-            astore = backend.async_store(region, store)
-        else:
+            astore = AsyncGuardedStore(backend.async_store(region, raw), self._breaker)
+        else:  # in front of the breaker: an L1 hit is no answer from the backend
             store = self._near.wrap(store, backend.tracking_pool(region))
             astore = AsyncNearStore(store)
         return ModelCache(
             spec,
             KeyBuilder(self._config.key_prefix, inspect(model), spec.key_fields),
             region,
-            GuardedStore(store, self._breaker),
-            AsyncGuardedStore(astore, self._breaker),
+            store,
+            astore,
             server_ttl=backend.server_ttl(spec.ttl),
             max_value_bytes=self._config.max_value_bytes,
             faults=self._faults,
@@ -205,16 +215,12 @@ class CacheManager:
             ) from None
 
     def _usable(self, model: type, scope: Scope) -> ModelCache | None:
-        """The model's cache in ``scope``, unless its invalidations wait for the backend."""
-        cache = self._cache(model)
-        if cache is None or self._invalidations.blocks(model):
-            return None
-        return cache.scoped(scope)
+        """The model's cache in ``scope``, unless its invalidations wait for the backend.
 
-    async def _ausable(self, model: type, scope: Scope) -> ModelCache | None:
-        """:meth:`_usable` for a coroutine."""
+        Never calls the backend, so coroutines call it too.
+        """
         cache = self._cache(model)
-        if cache is None or await self._invalidations.ablocks(model):
+        if cache is None or self._invalidations.holds(model):
             return None
         return cache.scoped(scope)
 
@@ -317,7 +323,7 @@ class CacheManager:
         Natively on a single Redis (``redis.asyncio``); on the loop for the memory backend
         and near-cache hits; in a worker thread for clients without asyncio.
         """
-        cache = await self._ausable(model, scope)
+        cache = self._usable(model, scope)
         if cache is None or not idents:
             return _reads.missed(idents)
         flow = _reads.probe(cache, idents, _orm_session(session))
@@ -407,7 +413,7 @@ class CacheManager:
         """:meth:`load_many` for a coroutine; ``loader`` is awaited on the loop."""
         if not idents:
             return []
-        cache = await self._ausable(model, scope) if probe is None else self._scoped(model, scope)
+        cache = self._usable(model, scope) if probe is None else self._scoped(model, scope)
         flow = _reads.load(cache, model, idents, probe, _orm_session(session))
         return await arun(flow, None if cache is None else cache.astore, loader)
 
@@ -441,7 +447,7 @@ class CacheManager:
         session: Session | AsyncSession | None = None,
     ) -> ListProbe:
         """:meth:`probe_list` for a coroutine (see :meth:`aprobe`)."""
-        cache = await self._ausable(model, scope)
+        cache = self._usable(model, scope)
         if cache is None:
             return _reads.ListProbe(Lookup.MISS, None)
         flow = _reads.probe_list(cache, query_key, _orm_session(session))
@@ -483,7 +489,7 @@ class CacheManager:
         session: Session | AsyncSession | None = None,
     ) -> Any:
         """:meth:`load_list` for a coroutine; ``loader`` is awaited on the loop."""
-        cache = await self._ausable(model, scope)
+        cache = self._usable(model, scope)
         if cache is None:
             return await loader()
         flow = _reads.load_list(cache, query_key, probe, _orm_session(session))

@@ -125,9 +125,10 @@ class ModelCache:
             return  # the breaker logged when it opened
         self._faults.warning(
             f"{operation}:{type(error).__name__}",
-            "cache %s failed for %s, using the database: %r",
+            "cache %s failed for %s (%s), using the database: %s",
             operation,
             self.name,
+            self._faults.target,
             error,
         )
 

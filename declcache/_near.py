@@ -24,7 +24,11 @@ The coherence argument, which every method here keeps:
   keys and records them as invalidated before and after calling Redis.
 * **No tracking, no L1.** While the tracking connection is not established (not yet, Redis
   restarted, the network dropped it, a heartbeat went unanswered, the process forked), L1 is
-  empty and bypassed: every read goes to Redis exactly as without a near cache. A reconnect
+  empty and bypassed: every read goes to Redis exactly as without a near cache.
+* **No backend, no L1.** L1 sits in front of the manager's circuit breaker, so its hits never
+  tell the breaker that Redis answers; and while the breaker is not closed (a real call
+  failed: Redis may be frozen, with other processes' invalidations stuck in their queues)
+  L1 is emptied and bypassed, and reads go to the database as without a near cache. A reconnect
   is tried at most once per second from the read path, and L1 is cleared again right after it.
 
 Residual window: the push and the write's reply are flushed by the same Redis thread within
@@ -54,6 +58,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
 
     from declcache._api import Store, Swap, Write
+    from declcache._breaker import Breaker
 
 __all__ = ["AsyncNearStore", "NearCache", "NearCacheStats", "NearStore", "probe_tracking"]
 
@@ -140,6 +145,7 @@ class NearCache:
         heartbeat_interval: seconds between ``PING`` s on it; one unanswered for twice this
             long counts as a dead connection.
         clock: monotonic time source.
+        breaker: the manager's circuit breaker; L1 is bypassed while it is not closed.
     """
 
     def __init__(
@@ -150,8 +156,11 @@ class NearCache:
         retry_interval: float = RETRY_INTERVAL,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
+        breaker: Breaker | None = None,
     ) -> None:
         self._prefix = key_prefix
+        self._breaker = breaker
+        self._breaker_closed = True  # as last seen: L1 is emptied when it stops being
         self._max_entries = max_entries
         self._entries: cachetools.LRUCache[str, bytes] = cachetools.LRUCache(max_entries)
         self._retry_interval = retry_interval
@@ -308,6 +317,13 @@ class NearCache:
 
         Never raises: any fault of the tracking connection drops it (and L1) instead.
         """
+        if self._breaker is not None:
+            closed = self._breaker.state == "closed"
+            if not closed and self._breaker_closed:
+                self._flush()
+            self._breaker_closed = closed
+            if not closed:
+                return False
         connection = self._connection
         if connection is not None and self._pid != os.getpid():
             self._connection = connection = None  # forked: the parent owns that socket

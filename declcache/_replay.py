@@ -6,11 +6,23 @@ not be forgotten either. :class:`Invalidator` writes each commit's changes (the 
 invalidations its cache is not read. The queue is bounded: past its limit a model is only
 *marked*, and on recovery its generation token is replaced, which invalidates all of it at once.
 
-While anything is queued a daemon thread retries every :data:`REPLAY_INTERVAL` seconds, so
-an idle (or exiting-soon) process still delivers its invalidations to the processes that
-share the backend; readers in this process also trigger a retry. Only one replay runs at a
-time, and entries are removed only once written. The thread holds its queue weakly: a
-manager the application drops stops retrying instead of living on with its dead backend.
+Every second between the backend's recovery and the replay is a second other processes may
+serve rows this one changed, so the replay is nobody's request and nobody's commit:
+
+* **Off the commit path.** A commit writes its own invalidation (one pipeline) and nothing
+  else; readers only ask whether their model is held. A daemon thread drains the queue.
+* **Fast.** The thread tries as soon as something is queued, then every
+  :data:`RETRY_INTERVAL` seconds, each attempt a probe that ignores the breaker's interval
+  (:func:`~declcache._breaker.probing_now`): the first write the recovered backend takes
+  starts the drain, and its success closes the breaker for every request.
+* **Batched.** Queued changes of a model in the same scopes are merged, up to
+  :data:`BATCH_KEYS` keys, into one ``write_many`` (one pipeline on Redis). Merging is safe:
+  every invalidation write is a fresh tombstone or token stamped with the time it is
+  written, so neither its order nor its grouping changes what a reader sees.
+
+Entries are removed only once written; one drain runs at a time. The thread holds its queue
+weakly and ends when the queue is empty: a manager the application drops stops retrying
+instead of living on with its dead backend.
 """
 
 from __future__ import annotations
@@ -21,8 +33,10 @@ import threading
 import time
 import weakref
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from declcache._breaker import probing_now
 from declcache._driver import arun, run
 from declcache._invalidation import ModelChanges, invalidate
 from declcache._keys import UNSCOPED
@@ -33,18 +47,26 @@ if TYPE_CHECKING:
     from declcache._keys import Scope
     from declcache._model_cache import ModelCache
 
-__all__ = ["INVALIDATION_QUEUE_LIMIT", "REPLAY_INTERVAL", "Invalidator", "ReplayQueue"]
+__all__ = [
+    "BATCH_KEYS",
+    "INVALIDATION_QUEUE_LIMIT",
+    "RETRY_INTERVAL",
+    "Invalidator",
+    "ReplayQueue",
+]
 
 logger = logging.getLogger("declcache.manager")
 
 #: Invalidations kept while the backend is down; past this, whole models are invalidated.
 INVALIDATION_QUEUE_LIMIT = 10_000
-#: Seconds between two attempts to replay queued invalidations.
-REPLAY_INTERVAL = 1.0
+#: Seconds the replay thread waits after an attempt the backend refused.
+RETRY_INTERVAL = 0.05
+#: Keys one replayed ``write_many`` holds at most.
+BATCH_KEYS = 500
 
 
 class ReplayQueue:
-    """Queued invalidations of one manager.
+    """Queued invalidations of one manager, drained by a background thread.
 
     Args:
         write: writes ``(model, changes)`` to the backend; raises while the backend is down.
@@ -58,7 +80,7 @@ class ReplayQueue:
         self._overflowed: dict[type, set[Scope]] = {}
         self._lock = threading.Lock()
         self._replay_lock = threading.Lock()
-        self._next_attempt = 0.0
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __bool__(self) -> bool:
@@ -69,18 +91,13 @@ class ReplayQueue:
         """Queued keys, plus one per model marked for whole invalidation."""
         return self._size + len(self._overflowed)
 
-    @property
-    def due(self) -> bool:
-        """Whether a :meth:`replay` now would try the backend (the interval has passed)."""
-        return bool(self) and time.monotonic() >= self._next_attempt
-
     def holds(self, model: type) -> bool:
         """Whether ``model`` has invalidations waiting (its cache must not be read)."""
         with self._lock:
             return model in self._overflowed or any(m is model for m, _ in self._entries)
 
     def add(self, model: type, change: ModelChanges) -> bool:
-        """Queue ``change``; ``False`` when the queue was full and the model was marked."""
+        """Queue ``change`` and wake the replay; ``False`` when the queue was full."""
         with self._lock:
             full = self._size + change.size > INVALIDATION_QUEUE_LIMIT
             if full:
@@ -88,68 +105,112 @@ class ReplayQueue:
             else:
                 self._entries.append((model, change))
                 self._size += change.size
-        self._ensure_thread()
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=_drain_until_empty,
+                    args=(weakref.ref(self), self._wake),
+                    name="declcache-replay",
+                    daemon=True,
+                )
+                self._thread.start()
+        self._wake.set()
         return not full
 
-    def _ensure_thread(self) -> None:
-        with self._lock:
-            if self._thread is not None and self._thread.is_alive():
-                return
-            self._thread = threading.Thread(
-                target=_retry_until_empty,
-                args=(weakref.ref(self),),
-                name="declcache-replay",
-                daemon=True,
-            )
-            self._thread.start()
+    def replay(self, *, wait: bool = False) -> bool:
+        """Write everything queued, batch by batch; whether the queue is now empty.
 
-    def replay(self, *, now: bool = False) -> None:
-        """Write what is queued if the backend answers; at most once per interval.
-
-        ``now`` skips the wait for the interval (a last attempt before closing); a replay
-        already running in another thread still wins.
+        Stops at the first batch the backend refuses (it stays queued). Each call is a
+        probe whatever the breaker's state. A drain already running in another thread
+        makes this one return ``False`` at once, or with ``wait``, go on after it.
         """
-        if not self._replay_lock.acquire(blocking=False):
-            return  # another thread is replaying
+        if not self._replay_lock.acquire(blocking=wait):
+            return False
         try:
             started = time.monotonic()
-            with self._lock:
-                if started < self._next_attempt and not now:
-                    return
-                self._next_attempt = started + REPLAY_INTERVAL
-                pending = list(self._entries)
-                overflowed = {model: set(scopes) for model, scopes in self._overflowed.items()}
-            try:
-                for model, scopes in overflowed.items():
-                    self._write(model, ModelChanges(whole_model=True, scopes=scopes))
-                for model, change in pending:
-                    self._write(model, change)
-            except Exception:
-                return
-            with self._lock:
-                for _ in pending:
-                    _, change = self._entries.popleft()
-                    self._size -= change.size
-                for model, scopes in overflowed.items():
-                    left = self._overflowed[model] - scopes
-                    if left:
-                        self._overflowed[model] = left
-                    else:
-                        del self._overflowed[model]
-            logger.info("replayed %d queued invalidations after a backend fault", len(pending))
+            replayed = 0
+            while batch := self._next_batch():
+                try:
+                    with probing_now():
+                        for model, change in batch.writes:
+                            self._write(model, change)
+                except Exception:
+                    return False
+                replayed += self._remove(batch)
+            if replayed:
+                logger.info(
+                    "replayed %d queued invalidations in %.0f ms after a backend fault",
+                    replayed,
+                    (time.monotonic() - started) * 1000,
+                )
+            return True
         finally:
             self._replay_lock.release()
 
+    def _next_batch(self) -> _Batch | None:
+        """The oldest queued changes, merged per model and scopes, up to :data:`BATCH_KEYS`."""
+        with self._lock:
+            if not self:
+                return None
+            overflowed = {model: set(scopes) for model, scopes in self._overflowed.items()}
+            merged: dict[tuple[type, frozenset[Scope]], ModelChanges] = {
+                (model, frozenset()): ModelChanges(whole_model=True, scopes=set(scopes))
+                for model, scopes in overflowed.items()
+            }
+            taken = keys = 0
+            for model, change in self._entries:
+                if taken and keys + len(change.keys) > BATCH_KEYS:
+                    break
+                merged.setdefault((model, frozenset(change.scopes)), ModelChanges()).merge(change)
+                taken += 1
+                keys += len(change.keys)
+        writes = [(model, change) for (model, _), change in merged.items()]
+        return _Batch(writes, taken, overflowed)
 
-def _retry_until_empty(queue_ref: weakref.ref[ReplayQueue]) -> None:
-    """Replay ``queue_ref``'s queue every interval until it is empty or garbage."""
+    def _remove(self, batch: _Batch) -> int:
+        """Drop what ``batch`` wrote; how many queued changes that was."""
+        with self._lock:
+            for _ in range(batch.taken):
+                _, change = self._entries.popleft()
+                self._size -= change.size
+            for model, scopes in batch.overflowed.items():
+                left = self._overflowed[model] - scopes
+                if left:
+                    self._overflowed[model] = left
+                else:
+                    del self._overflowed[model]
+        return batch.taken + len(batch.overflowed)
+
+    def _stop_if_empty(self) -> bool:
+        """End the thread's life if nothing is queued (under the lock ``add`` takes)."""
+        with self._lock:
+            if self:
+                return False
+            self._thread = None
+            return True
+
+
+@dataclass
+class _Batch:
+    """One replayed ``write_many`` per model: what to write and what it takes off the queue."""
+
+    writes: list[tuple[type, ModelChanges]]
+    #: Queued changes it covers, from the head of the queue.
+    taken: int
+    #: The overflowed models (and scopes) it invalidates whole.
+    overflowed: dict[type, set[Scope]]
+
+
+def _drain_until_empty(queue_ref: weakref.ref[ReplayQueue], wake: threading.Event) -> None:
+    """Replay ``queue_ref``'s queue until it is empty or garbage; retry while refused."""
     while True:
-        time.sleep(REPLAY_INTERVAL)
+        wake.clear()
         queue = queue_ref()
-        if not queue:  # None (its manager was dropped) or nothing left to write
+        if queue is None or queue._stop_if_empty():
             return
-        queue.replay()
-        del queue  # not held across the sleep, so the manager can be collected
+        drained = queue.replay()
+        del queue  # not held across the wait, so the manager can be collected
+        if not drained:
+            wake.wait(RETRY_INTERVAL)
 
 
 class Invalidator:
@@ -170,17 +231,19 @@ class Invalidator:
         return self._queue.size
 
     def apply(self, changes: Mapping[type, ModelChanges]) -> None:
-        """Invalidate what a committed transaction changed; never raises."""
+        """Invalidate what a committed transaction changed; never raises.
+
+        Writes this commit's changes only, even while older ones are queued (the replay
+        thread writes those): a commit never waits for a replay.
+        """
         for model, cache, change in self._to_write(changes):
             try:
                 run(invalidate(cache, change), cache.store)
             except Exception as error:
                 self._failed(model, cache, change, error)
-        if self._queue:
-            self._queue.replay()
 
     async def aapply(self, changes: Mapping[type, ModelChanges]) -> None:
-        """:meth:`apply` for a coroutine: written on the async store; a replay in a thread.
+        """:meth:`apply` for a coroutine, written on the async store.
 
         Shielded from cancellation: the database has committed, so a caller that gives up
         waiting (a request timeout) must not take the invalidation with it — it completes
@@ -194,8 +257,6 @@ class Invalidator:
                 await arun(invalidate(cache, change), cache.astore)
             except Exception as error:
                 self._failed(model, cache, change, error)
-        if self._queue:
-            await asyncio.to_thread(self._queue.replay)
 
     def applied(self, model: type, change: ModelChanges) -> bool:
         """:meth:`apply` of one change; whether the backend took it (not queued)."""
@@ -206,33 +267,18 @@ class Invalidator:
         self.apply({model: change})
         return cache.counters.snapshot().invalidations_queued == before
 
-    def blocks(self, model: type) -> bool:
+    def holds(self, model: type) -> bool:
         """Whether ``model``'s cache must not be read: invalidations of it are still queued.
 
-        Tries a replay first (at most once per interval).
+        Never calls the backend: the replay thread does that.
         """
-        if not self._queue:
-            return False
-        self._queue.replay()
-        return self._queue.holds(model)
-
-    async def ablocks(self, model: type) -> bool:
-        """:meth:`blocks` for a coroutine: a due replay runs in a worker thread."""
-        if not self._queue:
-            return False
-        if self._queue.due:
-            await asyncio.to_thread(self._queue.replay)
-        return self._queue.holds(model)
-
-    def holds(self, model: type) -> bool:
-        """Whether ``model`` has queued invalidations; never calls the backend."""
         return bool(self._queue) and self._queue.holds(model)
 
     def flush(self) -> None:
         """A last attempt at what is queued; a warning when the backend still refuses it."""
         if not self._queue:
             return
-        self._queue.replay(now=True)
+        self._queue.replay(wait=True)
         if self._queue:
             logger.warning(
                 "closing with %d invalidations the backend has not taken: other processes"
@@ -243,15 +289,11 @@ class Invalidator:
     def _to_write(
         self, changes: Mapping[type, ModelChanges]
     ) -> Iterator[tuple[type, ModelCache, ModelChanges]]:
-        """The changes of cached models to write now; queued after queued ones, in order."""
+        """The changes of cached models."""
         for model, change in changes.items():
             cache = self._cache_of(model)
-            if cache is None:
-                continue
-            if self._queue:  # keep the order: nothing overtakes what is already queued
-                self._enqueue(model, cache, change)
-                continue
-            yield model, cache, change
+            if cache is not None:
+                yield model, cache, change
 
     def _failed(
         self, model: type, cache: ModelCache, change: ModelChanges, error: Exception

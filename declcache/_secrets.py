@@ -129,3 +129,34 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
         if secret:
             text = text.replace(secret, MASK)
     return mask_url(text)
+
+
+#: The arguments that say where a backend is (and as whom), in the order they are shown.
+_TARGET_ARGUMENTS = (
+    "url",
+    "startup_nodes",
+    "host",
+    "port",
+    "db",
+    "filename",
+    "sentinels",
+    "service_name",
+    "username",
+)
+
+
+def describe_target(arguments: Mapping[str, Any]) -> str:
+    """Where a backend is and as whom (``host=10.0.0.5, port=6379``), passwords masked."""
+    shown = masked(arguments)
+    found = [f"{name}={shown[name]}" for name in _TARGET_ARGUMENTS if name in shown]
+    return ", ".join(found) or "in this process"
+
+
+def describe_error(error: BaseException, secrets: Iterable[str] = ()) -> str:
+    """``Class: message`` of ``error``, without any of ``secrets``.
+
+    Not ``repr``: redis-py's is only a category (``network:TimeoutError``), which loses the
+    errno and the address the message carries.
+    """
+    message = redact(str(error), secrets)
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 
-from declcache._secrets import redact
+from declcache._secrets import describe_error
 
 __all__ = ["Counters", "FaultLog", "ModelStats", "StatsHook"]
 
@@ -93,9 +93,16 @@ class FaultLog:
     """Log each kind of fault at most once per ``interval`` seconds, with how many were hidden."""
 
     def __init__(
-        self, logger: logging.Logger, interval: float = 30.0, secrets: Iterable[str] = ()
+        self,
+        logger: logging.Logger,
+        interval: float = 30.0,
+        secrets: Iterable[str] = (),
+        *,
+        target: str = "",
     ) -> None:
         self._logger = logger
+        #: Where the backend is (``host=…, port=…``, no password), for messages to name.
+        self.target = target
         self._interval = interval
         self._last: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
@@ -119,19 +126,21 @@ class FaultLog:
 
 
 class _Redacted:
-    """An error as a log record shows it (``%s`` or ``%r``), without any of ``secrets``."""
+    """An error as a log record shows it (``%s`` or ``%r``): ``Class: message``, no secret.
 
-    __slots__ = ("_repr", "_str")
+    A text, not the error: a record that holds an error holds its traceback's frames.
+    """
+
+    __slots__ = ("_text",)
 
     def __init__(self, error: BaseException, secrets: frozenset[str]) -> None:
-        self._repr = redact(repr(error), secrets)
-        self._str = redact(str(error), secrets)
+        self._text = describe_error(error, secrets)
 
     def __repr__(self) -> str:
-        return self._repr
+        return self._text
 
     def __str__(self) -> str:
-        return self._str
+        return self._text
 
 
 _hook_faults = FaultLog(logging.getLogger("declcache.stats"))

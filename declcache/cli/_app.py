@@ -13,8 +13,8 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
         f"the declcache command needs the 'cli' extra: pip install 'declcache[cli]' ({error})"
     ) from None
 
-from declcache import __version__
-from declcache._secrets import masked, redact
+from declcache import __version__, _secrets
+from declcache._secrets import redact
 from declcache.exceptions import ConfigurationError
 from declcache.settings import CacheConfig
 
@@ -74,25 +74,9 @@ def config_from_env() -> CacheConfig:
         raise fail(str(error)) from None
 
 
-#: The arguments that say where a backend is (and as whom), in the order they are shown.
-_TARGET_ARGUMENTS = (
-    "url",
-    "startup_nodes",
-    "host",
-    "port",
-    "db",
-    "filename",
-    "sentinels",
-    "service_name",
-    "username",
-)
-
-
 def describe_target(config: CacheConfig) -> str:
     """Where the backend is and as whom, passwords masked."""
-    arguments = masked(config.arguments)
-    shown = [f"{name}={arguments[name]}" for name in _TARGET_ARGUMENTS if name in arguments]
-    return ", ".join(shown) or "in this process"
+    return _secrets.describe_target(config.arguments)
 
 
 def _version(value: bool) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import signal
 import threading
@@ -93,6 +94,14 @@ def sleep_until(deadline: float) -> None:
     time.sleep(max(0.0, deadline - time.monotonic()))
 
 
+def replayed(manager: CacheManager, timeout: float = 10.0) -> bool:
+    """Wait until ``manager``'s background replay has emptied its queue (a liveness bound)."""
+    deadline = time.monotonic() + timeout
+    while manager.pending_invalidations and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return manager.pending_invalidations == 0
+
+
 def stats(manager: CacheManager) -> _stats.ModelStats:
     return manager.stats()["Item"]
 
@@ -123,9 +132,8 @@ def test_commit_while_the_backend_is_down(
     assert other.get(Item, 1) == NEW
 
     server.start()  # comes back empty
-    time.sleep(replay_module.REPLAY_INTERVAL + 0.1)
+    assert replayed(writer)
     assert reader.get(Item, 1) == NEW
-    assert writer.pending_invalidations == 0
     assert reader.loads_during(lambda: reader.get(Item, 1)) == 0  # caching again
     assert other.get(Item, 1) == NEW
     assert OLD not in reader.seen[2:] + other.seen
@@ -165,9 +173,9 @@ def test_paused_redis_replays_the_queued_invalidation(
     assert reader.get(Item, 1) == NEW  # from the database: the model's invalidation is pending
     assert time.monotonic() < paused_until, "too slow: the commit and read outlasted the pause"
 
-    sleep_until(paused_until + replay_module.REPLAY_INTERVAL)
-    assert reader.get(Item, 1) == NEW  # replays, then reads
-    assert writer.pending_invalidations == 0
+    sleep_until(paused_until)
+    assert replayed(writer)  # in the background: nobody has to read or commit
+    assert reader.get(Item, 1) == NEW
     assert other.get(Item, 1) == NEW  # the server kept the old row: the replay dropped it
     assert other.get(Item, 2) == {"id": 2, "name": "item-2"}
     assert OLD not in reader.seen[2:] + other.seen
@@ -180,10 +188,10 @@ def test_queued_invalidation_reaches_other_processes_without_further_use_of_the_
     writer = CacheManager(config)
     other = Reader(engine, CacheManager(config))
     warm(other, 1)
-    paused_until = pause_redis(private_redis, PAUSE_SECONDS)
+    pause_redis(private_redis, PAUSE_SECONDS)
     commit_rename(engine, writer, 1, "new")
     assert writer.pending_invalidations > 0
-    sleep_until(paused_until + 2 * replay_module.REPLAY_INTERVAL)
+    assert replayed(writer)
     assert other.get(Item, 1) == NEW
 
 
@@ -203,8 +211,10 @@ def test_a_dropped_manager_stops_replaying(
     assert manager.pending_invalidations > 0
     (thread,) = set(replay_threads()) - before
     del manager
-    gc.collect()
-    thread.join(10 * replay_module.REPLAY_INTERVAL)
+    deadline = time.monotonic() + 10
+    while thread.is_alive() and time.monotonic() < deadline:
+        gc.collect()  # a manager is freed by the cycle collector, which runs when it runs
+        thread.join(0.1)
     assert not thread.is_alive()
 
 
@@ -227,10 +237,9 @@ def test_queue_overflow_invalidates_the_whole_model_on_recovery(
     assert stats(writer).invalidations_queued == 1
     assert stats(writer).invalidations_overflowed == 1
 
-    sleep_until(paused_until + replay_module.REPLAY_INTERVAL)
+    assert replayed(writer)
     # Item 3 never changed, yet misses: the overflow bumped the model's generation.
     assert reader.loads_during(lambda: reader.get(Item, 3)) == 1
-    assert writer.pending_invalidations == 0
     other = Reader(engine, CacheManager(config))
     assert other.get(Item, 2) == {"id": 2, "name": "new too"}
     assert other.get(Item, 1) == NEW
@@ -329,10 +338,13 @@ class FlakyStore:
         self.holding = threading.Event()
         self.release = threading.Event()
         self._lock = threading.Lock()
+        #: ``(thread name, keys)`` of every write that went through.
+        self.writes: list[tuple[str, int]] = []
 
-    def _write_gate(self) -> None:
+    def _write_gate(self, keys: int = 1) -> None:
         if self.down:
             raise ConnectionError("injected: backend down")
+        self.writes.append((threading.current_thread().name, keys))
         with self._lock:
             hold, self.hold_next = self.hold_next, False
         if hold:
@@ -347,7 +359,7 @@ class FlakyStore:
         self.inner.set_many(mapping, ttl)
 
     def write_many(self, entries: Sequence[tuple[str, bytes, int]]) -> None:
-        self._write_gate()
+        self._write_gate(len(entries))
         self.inner.write_many(entries)
 
     def add(self, key: str, value: bytes, ttl: int) -> bool:
@@ -360,12 +372,48 @@ class FlakyStore:
         self.inner.delete_many(keys)
 
 
-def test_concurrent_replays_never_drop_a_queued_invalidation(
-    engine: Engine, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+def test_a_commit_writes_its_own_invalidation_and_never_the_queue(
+    engine: Engine, key_prefix: str
 ) -> None:
-    monkeypatch.setattr(replay_module, "REPLAY_INTERVAL", 0.0)
+    """Queued invalidations are written by the replay thread in batches, never by a commit."""
     config = CacheConfig(
-        backend="dogpile.cache.memory", arguments={"cache_dict": {}}, key_prefix=key_prefix
+        backend="dogpile.cache.memory",
+        arguments={"cache_dict": {}},
+        key_prefix=key_prefix,
+        breaker_interval=0,
+    )
+    writer = CacheManager(config)
+    reader = Reader(engine, CacheManager(config))
+    warm(reader, 1, 2)
+    cache = writer._cache(Item)
+    assert cache is not None
+    store = FlakyStore(cache.store)
+    cache.store = store
+
+    store.down = True
+    for round_ in range(200):  # 200 queued changes of item 1
+        commit_rename(engine, writer, 1, f"round {round_}")
+    assert stats(writer).invalidations_queued == 200
+    store.writes.clear()
+    store.down = False
+    commit_rename(engine, writer, 2, "new")  # may run while the replay drains
+    mine = [keys for thread, keys in store.writes if thread == "MainThread"]
+    assert len(mine) == 1  # its own invalidation: one write, whatever was queued
+
+    assert replayed(writer)
+    replays = [keys for thread, keys in store.writes if thread == "declcache-replay"]
+    assert len(replays) == 1  # the 200 changes of one key, merged into one write
+    assert reader.get(Item, 1) == {"id": 1, "name": "round 199"}
+    assert reader.get(Item, 2) == {"id": 2, "name": "new"}
+
+
+def test_a_change_queued_during_a_replay_is_replayed_too(engine: Engine, key_prefix: str) -> None:
+    """The replay removes only what it wrote: a change queued meanwhile is written next."""
+    config = CacheConfig(
+        backend="dogpile.cache.memory",
+        arguments={"cache_dict": {}},
+        key_prefix=key_prefix,
+        breaker_interval=0,
     )
     writer = CacheManager(config)
     reader = Reader(engine, CacheManager(config))
@@ -375,31 +423,48 @@ def test_concurrent_replays_never_drop_a_queued_invalidation(
     store = FlakyStore(cache.store)
     cache.store = store  # fault injection: the manager's own store, wrapped
 
-    store.down = True
-    commit_rename(engine, writer, 1, "one")  # queued: [item 1]
     store.hold_next = True
-    store.down = False
-    errors: list[BaseException] = []
-
-    def read() -> None:
-        try:
-            writer.get(Item, 2)  # replays [item 1]
-        except BaseException as error:
-            errors.append(error)
-
-    slow = threading.Thread(target=read, daemon=True)
-    slow.start()
-    assert store.holding.wait(10)  # a replay of [item 1] is stuck in its first write
-    read()  # a second replay must not run now (the unfixed code replays and pops item 1)
     store.down = True
-    commit_rename(engine, writer, 3, "three")  # queued behind: [item 3]
+    commit_rename(engine, writer, 1, "one")  # queued: [item 1]; the replay thread starts
     store.down = False
-    store.release.set()  # the slow replay finishes: it may pop item 1, and item 1 only
-    slow.join(10)
-    deadline = time.monotonic() + 5
-    while writer.pending_invalidations and time.monotonic() < deadline:
-        read()  # replays whatever is still queued
-        time.sleep(0.01)
-    assert not errors, errors
-    assert writer.pending_invalidations == 0
+    assert store.holding.wait(10)  # the replay of [item 1] is stuck in its first write
+    store.down = True
+    commit_rename(engine, writer, 3, "three")  # its own write fails: queued [item 1, item 3]
+    store.down = False
+    store.release.set()  # the replay finishes [item 1], then writes [item 3]
+    assert replayed(writer)
+    assert reader.get(Item, 1) == {"id": 1, "name": "one"}
     assert reader.get(Item, 3) == {"id": 3, "name": "three"}
+
+
+# --- what the logs say ------------------------------------------------------------------------
+
+
+def test_fault_warnings_name_the_server_and_the_cause(
+    engine: Engine,
+    key_prefix: str,
+    private_redis: _servers.RedisProcess,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="declcache")
+    manager = CacheManager(redis_config(private_redis, key_prefix))
+    warm(Reader(engine, manager), 1)
+    private_redis.stop()
+    commit_rename(engine, manager, 1, "new")
+    private_redis.start()
+    assert replayed(manager)
+
+    messages = [record.getMessage() for record in caplog.records]
+    where = f"host={private_redis.host}, port={private_redis.port}"
+    refused = f"ConnectionError: Error 111 connecting to {private_redis.host}:{private_redis.port}"
+    failed = [m for m in messages if "cache invalidate failed for Item" in m]
+    assert len(failed) == 1
+    assert where in failed[0]
+    assert refused in failed[0]
+    opened = [m for m in messages if "circuit breaker open" in m]
+    assert len(opened) == 1
+    assert where in opened[0]
+    assert refused in opened[0]
+    replays = [m for m in messages if m.startswith("replayed ")]
+    assert replays
+    assert all(not m.startswith("replayed 0 ") for m in replays)

@@ -173,7 +173,7 @@ def test_close_delivers_invalidations_queued_during_an_outage(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The background replay waits a minute here: only close() can deliver it in time.
-    monkeypatch.setattr(replay_module, "REPLAY_INTERVAL", 60.0)
+    monkeypatch.setattr(replay_module, "RETRY_INTERVAL", 60.0)
     config = CacheConfig(
         backend="dogpile.cache.redis",
         arguments={"host": private_redis.host, "port": private_redis.port},

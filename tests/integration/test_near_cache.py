@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +64,7 @@ def counting(manager: CacheManager, model: type) -> CountingStore:
     """Put a :class:`CountingStore` between ``model``'s near cache and Redis."""
     cache = manager._cache(model)
     assert cache is not None
-    near_store = cache.store.inner  # type: ignore[attr-defined]
+    near_store = cache.store
     assert isinstance(near_store, NearStore)
     near_store.inner = CountingStore(near_store.inner)
     return near_store.inner
@@ -413,6 +414,42 @@ def test_an_unanswered_heartbeat_turns_the_near_cache_off(
         assert (stats.tracking, stats.entries) == (False, 0)
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_near_hits_never_close_the_breaker_and_stop_while_it_is_open(
+    engine: Engine, key_prefix: str
+) -> None:
+    """A frozen Redis: the first real call opens the breaker; L1 then serves nothing.
+
+    An L1 hit is no answer from Redis, so it must not close the breaker; and while the
+    breaker is open other processes' invalidations may be stuck in their queues, so L1's
+    rows may be stale: reads go to the database.
+    """
+    with _servers.start_redis_server() as server:
+        host, port = server.address
+        config = CacheConfig(
+            url=f"redis://{host}:{port}/0",
+            key_prefix=key_prefix,
+            near_cache=True,
+            breaker_interval=0.2,
+        )
+        manager = CacheManager(config)
+        reader = Reader(engine, manager)
+        warm(reader, 1)
+        assert reader.loads_during(lambda: reader.get(Item, 1)) == 0  # an L1 hit
+        pid = server._process.pid  # type: ignore[union-attr]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            assert reader.loads_during(lambda: reader.get(Item, 2)) == 1  # times out: opens
+            assert manager.breaker_stats().state == "open"
+            for _ in range(3):
+                time.sleep(0.25)  # past the interval: the next read is the breaker's probe
+                # Not from L1, and the probe reaches the frozen server: it stays open.
+                assert reader.loads_during(lambda: reader.get(Item, 1)) == 1
+                assert manager.breaker_stats().state == "open"
+            assert near_of(manager).stats().entries == 0
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
 
 def test_an_unreachable_redis_turns_the_near_cache_off_not_the_reads(

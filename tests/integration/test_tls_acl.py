@@ -36,7 +36,6 @@ import pytest
 import sqlalchemy as sa
 
 from declcache import CacheConfig
-from declcache._near import NearStore
 from declcache.config import SQLAlchemyAsyncConfig, SQLAlchemySyncConfig
 from tests import _servers
 from tests.integration._repo_models import (
@@ -50,9 +49,10 @@ from tests.integration._repo_models import (
     values,
 )
 from tests.integration.test_cli import run_cli
+from tests.integration.test_near_cache import counting
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
     from declcache import CacheManager
@@ -350,31 +350,6 @@ async def test_the_async_repository_reads_through_the_tls_cache_and_sees_commits
 # -- the near cache over TLS -----------------------------------------------------------------
 
 
-class CountingStore:
-    """The real Redis store under a near cache, counting its reads."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.reads = 0
-
-    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        self.reads += 1
-        found: list[bytes | None] = self.inner.get_many(keys)
-        return found
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-def count_redis_reads(manager: CacheManager) -> CountingStore:
-    cache = manager._cache(Author)
-    assert cache is not None
-    near_store = cache.store.inner  # type: ignore[attr-defined]
-    assert isinstance(near_store, NearStore)
-    near_store.inner = CountingStore(near_store.inner)
-    return near_store.inner
-
-
 def test_the_near_cache_over_tls_hits_in_process_and_sees_another_managers_commit(
     good: Setup, db_file: Path, statements: Callable[..., StatementLog], admin: Any
 ) -> None:
@@ -383,7 +358,7 @@ def test_the_near_cache_over_tls_hits_in_process_and_sees_another_managers_commi
     sent = statements(reader.engine)
     try:
         seed(writer, 2)
-        redis_reads = count_redis_reads(manager_of(reader))
+        redis_reads = counting(manager_of(reader), Author)
         for _ in range(2):  # the first read fills Redis, the second fills L1
             read(reader, sent, lambda s: AuthorRepo(session=s).get(1))
 

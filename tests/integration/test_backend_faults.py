@@ -19,6 +19,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -139,18 +140,49 @@ def test_commit_while_the_backend_is_down(
     assert OLD not in reader.seen[2:] + other.seen
 
 
-def test_a_dead_redis_costs_milliseconds(
-    engine: Engine, key_prefix: str, private_redis: _servers.RedisProcess
-) -> None:
-    """redis-py's own retries (10, with backoff) would make each call seconds long."""
-    manager = CacheManager(redis_config(private_redis, key_prefix))
-    reader = Reader(engine, manager)
-    warm(reader, 1)
-    private_redis.stop()
-    started = time.monotonic()
-    commit_rename(engine, manager, 1, "new")
-    assert reader.get(Item, 1) == NEW
-    assert time.monotonic() - started < 1.0
+class SlammingDoor:
+    """A TCP port that accepts every connection and closes it at once, counting them."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self._listener.getsockname()[:2]
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            self.connections += 1
+            connection.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_dead_redis_costs_one_connection_per_call(engine: Engine, key_prefix: str) -> None:
+    """No redis-py retries (10, with backoff, by default): each call fails once, at once."""
+    door = SlammingDoor()
+    try:
+        host, port = door.address
+        config = CacheConfig(
+            backend="dogpile.cache.redis",
+            arguments={"host": host, "port": port},
+            key_prefix=key_prefix,
+            breaker_interval=0,
+        )
+        manager = CacheManager(config)
+        reader = Reader(engine, manager)
+        for _ in range(3):  # reads only: a commit would start the replay's own attempts
+            assert reader.loads_during(lambda: reader.get(Item, 1)) == 1
+        errors = stats(manager).errors
+    finally:
+        door.close()
+    assert errors >= 3
+    assert door.connections == errors  # one connection per failed call: no retry
 
 
 # --- a paused server that keeps its data --------------------------------------------------------

@@ -68,17 +68,14 @@ def saved_environment() -> Iterator[None]:
 # -- the demo -----------------------------------------------------------------------------
 
 
-def test_demo_runs_fast_on_sqlite_and_memory(tmp_path: Path) -> None:
-    started = time.monotonic()
+def test_demo_runs_on_sqlite_and_memory(tmp_path: Path) -> None:
     result = run_example(cwd=tmp_path)
-    elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     assert "sqlite database, dogpile.cache.memory cache" in result.stdout
     for row in ("hit ratio", "queries saved", "median read, cached", "median read, uncached"):
         assert row in result.stdout
     saved = next(line for line in result.stdout.splitlines() if line.startswith("queries saved"))
     assert int(saved.split()[-1]) > 0
-    assert elapsed < 15, f"the demo took {elapsed:.1f} s"
 
 
 def test_demo_on_redis_and_postgres_by_environment_only(

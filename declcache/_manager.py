@@ -508,7 +508,10 @@ class CacheManager:
         Only when the backend arguments say ``distributed_lock=True`` (dogpile's Redis and
         Memcached backends): a process holding it fills the entry ``ident`` (or the cached
         query ``query_key``) names while other processes wait, then read what it filled.
-        The object has dogpile's mutex interface: ``acquire(wait=True)`` and ``release()``.
+        The object is a :class:`~declcache._fill_lock.FillLock`, with dogpile's mutex
+        interface (``acquire(wait=True)``, ``release()``) and its async twins: a wait lasts
+        at most ``lock_blocking_timeout`` seconds (2 unless configured), after which
+        ``acquire`` returns ``False`` and the reader reads the database.
         """
         if not self._config.arguments.get("distributed_lock"):
             return None
@@ -524,7 +527,9 @@ class CacheManager:
                 key = cache.keys.of_ident(ident)[1]
         except (ValueError, TypeError):
             return None
-        return cache.region.backend.get_mutex(key)
+        from declcache._fill_lock import fill_lock  # noqa: PLC0415 - only with distributed_lock
+
+        return fill_lock(cache.region.backend, key, self._config.arguments)
 
     # -- warming -----------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from declcache.backends._arguments import Options
 
 __all__ = [
+    "DEFAULT_LOCK_BLOCKING_TIMEOUT",
     "DEFAULT_LOCK_TIMEOUT",
     "SERVER_EXPIRY_GRACE",
     "Backend",
@@ -37,9 +38,15 @@ __all__ = [
 #: Seconds a key outlives its ttl on the server: dogpile expires it first (softly), the server
 #: then reclaims the memory. Keeps a clock skew between writers from dropping fresh entries.
 SERVER_EXPIRY_GRACE = 60
-#: Seconds a distributed fill lock lives unless configured: a process that dies holding one
-#: must not make the others wait forever (dogpile's default is "never expires").
-DEFAULT_LOCK_TIMEOUT = 30
+#: Seconds a distributed fill lock lives unless configured (``lock_timeout``): a process that
+#: dies holding one must not make the others wait forever (dogpile's default is "never
+#: expires"). It only has to outlive one fill (a query and a write); a fill that takes longer
+#: loses the lock and another process may fill too, which costs a query, not correctness.
+DEFAULT_LOCK_TIMEOUT = 10
+#: Seconds a reader waits at most for another process's fill lock unless configured
+#: (``lock_blocking_timeout``), then reads the database (see :mod:`declcache._fill_lock`):
+#: a fill takes milliseconds, so a lock held longer is most likely orphaned.
+DEFAULT_LOCK_BLOCKING_TIMEOUT = 2.0
 
 
 class BackendSettings(Protocol):

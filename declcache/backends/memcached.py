@@ -51,6 +51,9 @@ LATEST_EXPIRY = 2**31 - 1
 #: What both dogpile Memcached backends read.
 _COMMON: Options = {
     "distributed_lock": FLAG,
+    # declcache's fill lock reads these two (declcache._fill_lock); dogpile ignores them
+    "lock_blocking_timeout": Seconds(zero_allowed=True),
+    "lock_sleep": Seconds(),
     # dogpile's lock is a Memcached ``add`` with this expiry: whole seconds, 0 for none
     "lock_timeout": Whole(0, RELATIVE_EXPIRY_LIMIT),
     "memcached_expire_time": EXPIRY,

@@ -32,7 +32,7 @@ from declcache.backends._arguments import (
     Whole,
     client_kwargs,
 )
-from declcache.backends._base import Backend
+from declcache.backends._base import DEFAULT_LOCK_BLOCKING_TIMEOUT, Backend
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -400,6 +400,9 @@ class Redis(Backend):
             # The async repository takes and releases a lock in two worker threads: a
             # thread-local lock token would make the release fail (dogpile warns the same).
             result.setdefault("thread_local_lock", False)
+            # declcache's fill lock bounds its own wait (declcache._fill_lock); this bounds
+            # whoever else waits on the region's mutex (redis-py's default is "forever").
+            result.setdefault("lock_blocking_timeout", DEFAULT_LOCK_BLOCKING_TIMEOUT)
         return self._shared(result, first)
 
     def _shared(self, arguments: dict[str, Any], first: CacheRegion | None) -> dict[str, Any]:

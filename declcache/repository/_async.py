@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Select
     from sqlalchemy.ext.asyncio import AsyncSession
 
+    from declcache._fill_lock import FillLock
     from declcache._manager import CacheManager
     from declcache.repository._base import CacheView
 
@@ -45,10 +46,14 @@ _QUERY_LOCK_KEY = "_declcache_query_lock"
 
 
 @contextlib.asynccontextmanager
-async def _held(mutex: Any) -> AsyncIterator[None]:
-    """Hold a backend mutex, taken and released in worker threads."""
+async def _held(mutex: FillLock) -> AsyncIterator[None]:
+    """Hold the fill lock, or wait for it at most its bound (then fill without it).
+
+    Each attempt and the release run in a worker thread; the wait between attempts is an
+    ``asyncio.sleep``, so a waiting reader holds no thread (see :mod:`declcache._fill_lock`).
+    """
     try:
-        acquired = bool(await asyncio.to_thread(mutex.acquire, True))
+        acquired = await mutex.aacquire()
     except Exception as error:
         logger.warning("distributed fill lock unavailable, filling without it: %r", error)
         acquired = False
@@ -57,7 +62,7 @@ async def _held(mutex: Any) -> AsyncIterator[None]:
     finally:
         if acquired:
             try:
-                await asyncio.to_thread(mutex.release)
+                await mutex.arelease()
             except Exception as error:  # e.g. it expired (lock_timeout) while we loaded
                 logger.debug("distributed fill lock release failed: %r", error)
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Select
     from sqlalchemy.orm import Session
 
+    from declcache._fill_lock import FillLock
     from declcache._manager import CacheManager
     from declcache.repository._base import CacheView
 
@@ -36,10 +37,13 @@ _FLIGHTS = ThreadFlights()
 
 
 @contextlib.contextmanager
-def _held(mutex: Any) -> Iterator[None]:
-    """Hold a backend mutex; a backend that fails to lock costs the lock, not the read."""
+def _held(mutex: FillLock) -> Iterator[None]:
+    """Hold the fill lock, or wait for it at most its bound (then fill without it).
+
+    A backend that fails to lock costs the lock, not the read (see :mod:`declcache._fill_lock`).
+    """
     try:
-        acquired = bool(mutex.acquire(True))
+        acquired = mutex.acquire(True)
     except Exception as error:
         logger.warning("distributed fill lock unavailable, filling without it: %r", error)
         acquired = False

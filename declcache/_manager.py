@@ -25,7 +25,13 @@ from sqlalchemy.orm import Session
 
 from declcache import _freshness, _invalidation, _reads, backends
 from declcache._api import Lookup
-from declcache._breaker import AsyncGuardedStore, Breaker, BreakerStats, GuardedStore
+from declcache._breaker import (
+    AsyncGuardedStore,
+    BackendUnavailable,
+    Breaker,
+    BreakerStats,
+    GuardedStore,
+)
 from declcache._driver import arun, run
 from declcache._invalidation import ModelChanges
 from declcache._keys import UNSCOPED, KeyBuilder, Scope, primary_key_values
@@ -37,7 +43,7 @@ from declcache._replay import Invalidator
 from declcache._scope import scope_of, scope_warnings
 from declcache._secrets import describe_target
 from declcache._stats import FaultLog, ModelStats, StatsHook
-from declcache.exceptions import SettingsError
+from declcache.exceptions import ConfigurationError, SettingsError
 from declcache.settings import CacheConfig
 
 if TYPE_CHECKING:
@@ -154,19 +160,48 @@ class CacheManager:
         return resolve_spec(inspect(model), declared, self._config)
 
     def is_cached(self, model: type) -> bool:
-        """Whether this manager caches ``model`` (it has a CacheMeta and is enabled)."""
-        return self._cache(model) is not None
+        """Whether this manager caches ``model`` (it has a CacheMeta and is enabled).
+
+        Decided by the settings alone: a write must be recorded for invalidation even while
+        the backend is too far gone for the model's cache to be built.
+        """
+        if model in self._caches:
+            return self._caches[model] is not None
+        spec = self.spec(model)
+        return self._backend is not None and spec is not None and spec.enabled
 
     # -- building a model's cache ------------------------------------------------------------
 
     def _cache(self, model: type) -> ModelCache | None:
+        """The model's cache, built on first use; ``None`` when this manager does not cache it.
+
+        Raises:
+            BackendUnavailable: building it needed the backend, which failed (a Redis Cluster
+                client connects as it is made): nothing is kept, the next use tries again.
+        """
         try:
             return self._caches[model]
         except KeyError:
             pass
         with self._lock:
             if model not in self._caches:
-                self._caches[model] = self._build_cache(model)
+                started = self._breaker._clock()
+                try:
+                    self._caches[model] = self._build_cache(model)
+                except ConfigurationError:
+                    raise
+                except Exception as error:
+                    self._breaker.failed(error, started)
+                    self._faults.warning(
+                        f"build:{type(error).__name__}",
+                        "cache of %s not built (%s), using the database: %s",
+                        model.__name__,
+                        self._faults.target,
+                        error,
+                    )
+                    raise BackendUnavailable(
+                        f"the cache of {model.__name__} could not be built"
+                    ) from error
             return self._caches[model]
 
     def _build_cache(self, model: type) -> ModelCache | None:
@@ -219,14 +254,21 @@ class CacheManager:
 
         Never calls the backend, so coroutines call it too.
         """
-        cache = self._cache(model)
+        cache = self._built(model)
         if cache is None or self._invalidations.holds(model):
             return None
         return cache.scoped(scope)
 
     def _scoped(self, model: type, scope: Scope) -> ModelCache | None:
-        cache = self._cache(model)
+        cache = self._built(model)
         return None if cache is None else cache.scoped(scope)
+
+    def _built(self, model: type) -> ModelCache | None:
+        """:meth:`_cache`, or ``None`` while it cannot be built: a read goes to the database."""
+        try:
+            return self._cache(model)
+        except BackendUnavailable:
+            return None
 
     # -- scopes ----------------------------------------------------------------------------
 
@@ -248,7 +290,7 @@ class CacheManager:
         ``connection``: the one a flush writes with; ``schemas``: a statement's own schema
         map. See docs/tenancy.md.
         """
-        cache = self._cache(model)
+        cache = self._built(model)
         return scope_of(
             session,
             inspect(model) if cache is None else cache.mapper,

@@ -36,7 +36,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from declcache._breaker import probing_now
+from declcache._breaker import BackendUnavailable, probing_now
 from declcache._driver import arun, run
 from declcache._invalidation import ModelChanges, invalidate
 from declcache._keys import UNSCOPED
@@ -230,17 +230,24 @@ class Invalidator:
         """Invalidations waiting for the backend to come back (0 when all is well)."""
         return self._queue.size
 
-    def apply(self, changes: Mapping[type, ModelChanges]) -> None:
+    def apply(self, changes: Mapping[type, ModelChanges]) -> bool:
         """Invalidate what a committed transaction changed; never raises.
 
         Writes this commit's changes only, even while older ones are queued (the replay
-        thread writes those): a commit never waits for a replay.
+        thread writes those): a commit never waits for a replay. Returns whether the
+        backend took them all (``False``: some were queued).
         """
+        written = True
         for model, cache, change in self._to_write(changes):
+            if cache is None:
+                written = False  # queued: the model's cache could not be built
+                continue
             try:
                 run(invalidate(cache, change), cache.store)
             except Exception as error:
                 self._failed(model, cache, change, error)
+                written = False
+        return written
 
     async def aapply(self, changes: Mapping[type, ModelChanges]) -> None:
         """:meth:`apply` for a coroutine, written on the async store.
@@ -253,6 +260,8 @@ class Invalidator:
 
     async def _aapply(self, changes: Mapping[type, ModelChanges]) -> None:
         for model, cache, change in self._to_write(changes):
+            if cache is None:
+                continue
             try:
                 await arun(invalidate(cache, change), cache.astore)
             except Exception as error:
@@ -260,12 +269,7 @@ class Invalidator:
 
     def applied(self, model: type, change: ModelChanges) -> bool:
         """:meth:`apply` of one change; whether the backend took it (not queued)."""
-        cache = self._cache_of(model)
-        if cache is None:
-            return True
-        before = cache.counters.snapshot().invalidations_queued
-        self.apply({model: change})
-        return cache.counters.snapshot().invalidations_queued == before
+        return self.apply({model: change})
 
     def holds(self, model: type) -> bool:
         """Whether ``model``'s cache must not be read: invalidations of it are still queued.
@@ -288,10 +292,19 @@ class Invalidator:
 
     def _to_write(
         self, changes: Mapping[type, ModelChanges]
-    ) -> Iterator[tuple[type, ModelCache, ModelChanges]]:
-        """The changes of cached models."""
+    ) -> Iterator[tuple[type, ModelCache | None, ModelChanges]]:
+        """The changes of cached models, with their caches.
+
+        A model whose cache could not be built (the backend failed as it was: logged
+        there) has its change queued at once and comes with ``None``.
+        """
         for model, change in changes.items():
-            cache = self._cache_of(model)
+            try:
+                cache = self._cache_of(model)
+            except BackendUnavailable:
+                self._queue.add(model, change)
+                yield model, None, change
+                continue
             if cache is not None:
                 yield model, cache, change
 

@@ -598,3 +598,518 @@ def _drop_postgres_database(admin_url: str, name: str) -> None:
             admin.dispose()
     except Exception as error:  # at exit, report and go on
         print(f"tests/_servers.py: could not drop database {name}: {error}", file=sys.stderr)
+
+
+# --- replicated Redis: a Sentinel group and a Cluster with replicas -----------------------------
+#
+# Failover tests kill or freeze one server of a group and watch another take over, so every
+# server here has a directory of its own (a replica writes the snapshot it syncs from its
+# master to ``dir``: side by side in the temp directory they would share one ``dump.rdb``).
+
+
+def _distinct_free_ports(count: int) -> list[int]:
+    """``count`` free loopback ports, all different."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = _free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def redis_client(address: tuple[str, int], timeout: float = 2.0) -> Any:
+    """A plain redis-py client of one server (the caller closes it)."""
+    import redis  # only the tests of replicated groups need it here
+
+    host, port = address
+    return redis.Redis(host=host, port=port, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def _wait_until(check: Any, what: str, timeout: float) -> None:
+    """Poll ``check()`` (errors count as "not yet") until it holds; else :func:`unavailable`."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception as error:  # a server still starting up answers with errors
+            last = error
+        time.sleep(0.05)
+    unavailable(f"{what} not within {timeout}s (last error: {last!r})")
+
+
+def _text(value: Any) -> str:
+    """A reply item as text (redis-py answers bytes unless told to decode)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _info(address: tuple[str, int], section: str) -> dict[str, Any]:
+    client = redis_client(address)
+    try:
+        info: dict[str, Any] = client.info(section)
+        return info
+    finally:
+        client.close()
+
+
+class GroupRedisProcess(RedisProcess):
+    """A private ``redis-server`` of a replicated group: own directory, optional ``--replicaof``.
+
+    It can be frozen (``SIGSTOP``: it keeps its sockets but answers nothing, as a hung host)
+    and thawed (``SIGCONT``). :meth:`stop` thaws it first, so a ``SIGTERM`` is not left pending.
+
+    Args:
+        workdir: the server's directory (its snapshot file is named after its port).
+        replica_of: the ``(host, port)`` of the master to replicate from its start, if any.
+        extra: more ``--option value`` arguments (cluster mode, for one).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        replica_of: tuple[str, int] | None = None,
+        extra: tuple[str, ...] = (),
+        port: int | None = None,
+    ) -> None:
+        super().__init__(port=port)
+        self.workdir = workdir
+        self.replica_of = replica_of
+        self.extra = extra
+        self.frozen = False
+
+    def _command(self, binary: str) -> list[str]:
+        command = [
+            binary,
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.workdir),
+            "--dbfilename", f"dump-{self.port}.rdb",
+            "--repl-diskless-load", "on-empty-db",
+            "--repl-diskless-sync-delay", "0",
+        ]  # fmt: skip
+        if self.replica_of is not None:
+            command += ["--replicaof", self.replica_of[0], str(self.replica_of[1])]
+        return [*command, *self.extra]
+
+    @property
+    def pid(self) -> int:
+        """The process id of the running server."""
+        if self._process is None:
+            raise RuntimeError(f"{self!r} is not running")
+        return self._process.pid
+
+    def freeze(self) -> None:
+        """``SIGSTOP``: the server hangs, connections and data intact."""
+        os.kill(self.pid, signal.SIGSTOP)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        """``SIGCONT``: the server goes on where it stopped."""
+        if self.frozen and self.running:
+            os.kill(self.pid, signal.SIGCONT)
+        self.frozen = False
+
+    def stop(self, *, kill: bool = True) -> None:
+        """See :meth:`ServerProcess.stop`; a frozen server is thawed first."""
+        if self.frozen:
+            self.thaw()
+        super().stop(kill=kill)
+
+    def role(self) -> str:
+        """``"master"`` or ``"slave"``, as ``INFO replication`` says."""
+        return str(_info(self.address, "replication")["role"])
+
+    def in_sync(self) -> bool:
+        """Whether this replica's link to its master is up (a master: always)."""
+        info = _info(self.address, "replication")
+        return info["role"] == "master" or info.get("master_link_status") == "up"
+
+
+class RedisSentinelProcess(RedisProcess):
+    """A private ``redis-server <config> --sentinel`` watching one master as ``service``.
+
+    Its configuration file lives in ``workdir`` (Sentinel rewrites it as it learns the group).
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        master: tuple[str, int],
+        *,
+        service: str = "mymaster",
+        quorum: int = 2,
+        down_after_ms: int = 500,
+        failover_timeout_ms: int = 2000,
+    ) -> None:
+        super().__init__()
+        self.service = service
+        self.config = workdir / f"sentinel-{self.port}.conf"
+        self.config.write_text(
+            f"port {self.port}\n"
+            f"bind {self.host}\n"
+            f"dir {workdir}\n"
+            f"sentinel monitor {service} {master[0]} {master[1]} {quorum}\n"
+            f"sentinel down-after-milliseconds {service} {down_after_ms}\n"
+            f"sentinel failover-timeout {service} {failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {service} 1\n"
+        )
+
+    def _command(self, binary: str) -> list[str]:
+        return [binary, str(self.config), "--sentinel"]
+
+    def master_state(self) -> dict[str, str]:
+        """``SENTINEL MASTER <service>`` as a dict of texts."""
+        client = redis_client(self.address)
+        try:
+            flat = client.execute_command("SENTINEL", "MASTER", self.service)
+        finally:
+            client.close()
+        pairs = flat.items() if isinstance(flat, dict) else zip(flat[::2], flat[1::2], strict=True)
+        return {_text(key): _text(value) for key, value in pairs}
+
+    def master_address(self) -> tuple[str, int]:
+        """The master this Sentinel names now (``GET-MASTER-ADDR-BY-NAME``)."""
+        client = redis_client(self.address)
+        try:
+            host, port = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service)
+        finally:
+            client.close()
+        return _text(host), int(port)
+
+
+class RedisSentinelGroup:
+    """One master, one replica of it and ``sentinels`` Sentinels (quorum 2), on free ports.
+
+    A context manager: ``with RedisSentinelGroup(tmp_path) as group: ...`` starts every server
+    and waits until the replica is in sync and each Sentinel knows the replica and the other
+    Sentinels (so that a failover can happen); everything is stopped on exit.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        service: str = "mymaster",
+        sentinels: int = 3,
+        down_after_ms: int = 500,
+        failover_timeout_ms: int = 2000,
+    ) -> None:
+        self.service = service
+        self.master = GroupRedisProcess(workdir)
+        self.replica = GroupRedisProcess(workdir, replica_of=self.master.address)
+        self.sentinels = [
+            RedisSentinelProcess(
+                workdir,
+                self.master.address,
+                service=service,
+                down_after_ms=down_after_ms,
+                failover_timeout_ms=failover_timeout_ms,
+            )
+            for _ in range(sentinels)
+        ]
+
+    @property
+    def servers(self) -> list[GroupRedisProcess]:
+        """The master and the replica, as they were started."""
+        return [self.master, self.replica]
+
+    @property
+    def url(self) -> str:
+        """``redis+sentinel://h:p,h:p,h:p/<service>``."""
+        nodes = ",".join(f"{s.host}:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{nodes}/{self.service}"
+
+    def start(self, timeout: float = 30.0) -> Self:
+        """Start every server; wait until a failover could happen (see the class doc)."""
+        try:
+            self.master.start()
+            self.replica.start()
+            _wait_until(self.replica.in_sync, "the Sentinel group's replica in sync", timeout)
+            for sentinel in self.sentinels:
+                sentinel.start()
+            others = str(len(self.sentinels) - 1)
+
+            def ready() -> bool:
+                states = [sentinel.master_state() for sentinel in self.sentinels]
+                return all(
+                    state.get("num-slaves") == "1" and state.get("num-other-sentinels") == others
+                    for state in states
+                )
+
+            _wait_until(ready, "every Sentinel knowing the replica and the others", timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop every server of the group (SIGKILL)."""
+        for server in [*self.sentinels, self.replica, self.master]:
+            server.stop()
+
+    def master_address(self) -> tuple[str, int] | None:
+        """The master the first Sentinel that answers names, or None when none answers."""
+        for sentinel in self.sentinels:
+            try:
+                return sentinel.master_address()
+            except Exception:  # try the next Sentinel
+                continue
+        return None
+
+    def server_at(self, address: tuple[str, int]) -> GroupRedisProcess:
+        """The master or replica listening on ``address``."""
+        for server in self.servers:
+            if server.address == address:
+                return server
+        raise LookupError(f"no server of the group on {address}")
+
+    def wait_for_new_master(self, old: tuple[str, int], timeout: float = 30.0) -> GroupRedisProcess:
+        """Wait until every Sentinel names a master other than ``old`` and it says it is one.
+
+        Raises:
+            TimeoutError: no failover within ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                named = {sentinel.master_address() for sentinel in self.sentinels}
+                if len(named) == 1 and old not in named:
+                    server = self.server_at(named.pop())
+                    if server.role() == "master":
+                        return server
+            except Exception:  # a Sentinel mid-failover: ask again
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"Sentinel did not replace the master {old} within {timeout}s")
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+#: Redis Cluster's hash slots.
+CLUSTER_SLOTS = 16384
+
+
+class RedisClusterNodeProcess(GroupRedisProcess):
+    """A private ``redis-server`` in cluster mode, its bus on a free port of its own.
+
+    ``cluster-replica-validity-factor 0``: a replica may always take over, however long its
+    link to the master was down (a loaded test machine must not block the failover).
+    """
+
+    def __init__(self, workdir: Path, *, node_timeout_ms: int = 1000) -> None:
+        port, self.bus_port = _distinct_free_ports(2)
+        extra = (
+            "--cluster-enabled", "yes",
+            "--cluster-port", str(self.bus_port),
+            "--cluster-config-file", str(workdir / f"nodes-{port}.conf"),
+            "--cluster-node-timeout", str(node_timeout_ms),
+            "--cluster-replica-validity-factor", "0",
+        )  # fmt: skip
+        super().__init__(workdir, extra=extra, port=port)
+
+    def node_id(self) -> str:
+        """``CLUSTER MYID``."""
+        client = redis_client(self.address)
+        try:
+            found = client.execute_command("CLUSTER", "MYID")
+        finally:
+            client.close()
+        return _text(found)
+
+    def cluster_nodes(self) -> list[dict[str, Any]]:
+        """This node's view of the cluster (``CLUSTER NODES``), one dict per node.
+
+        Keys: ``id``, ``address`` (``(host, port)``), ``flags`` (a set), ``master`` (the
+        master's id or ``"-"``), ``link`` (``connected``/``disconnected``), ``slots``.
+        """
+        client = redis_client(self.address)
+        try:
+            text = client.execute_command("CLUSTER", "NODES")
+        finally:
+            client.close()
+        if isinstance(text, bytes):
+            text = text.decode()
+        if isinstance(text, dict):  # some redis-py versions parse it already
+            raise TypeError("CLUSTER NODES came back parsed; expected the raw text")
+        nodes = []
+        for line in str(text).splitlines():
+            fields = line.split()
+            if len(fields) < 8:
+                continue
+            host_port = fields[1].split("@")[0]
+            host, _, port = host_port.rpartition(":")
+            nodes.append(
+                {
+                    "id": fields[0],
+                    "address": (host, int(port)) if port.isdigit() else None,
+                    "flags": set(fields[2].split(",")),
+                    "master": fields[3],
+                    "link": fields[7],
+                    "slots": fields[8:],
+                }
+            )
+        return nodes
+
+    def cluster_state(self) -> str:
+        """``cluster_state`` of ``CLUSTER INFO``: ``ok`` or ``fail``."""
+        client = redis_client(self.address)
+        try:
+            return str(client.cluster("info")["cluster_state"])
+        finally:
+            client.close()
+
+
+class RedisClusterGroup:
+    """A Redis Cluster of ``masters`` masters with one replica each, on free ports.
+
+    Made with plain cluster commands (no ``redis-cli`` needed): each master gets a distinct
+    config epoch and an even range of slots, they all ``CLUSTER MEET``, then each replica
+    ``CLUSTER REPLICATE``s its master. A context manager: on entry, every node is started and
+    every node sees every replica in sync and the cluster ``ok``; on exit all are stopped.
+    """
+
+    def __init__(self, workdir: Path, *, masters: int = 3, node_timeout_ms: int = 1000) -> None:
+        self.masters = [
+            RedisClusterNodeProcess(workdir, node_timeout_ms=node_timeout_ms)
+            for _ in range(masters)
+        ]
+        self.replicas = [
+            RedisClusterNodeProcess(workdir, node_timeout_ms=node_timeout_ms)
+            for _ in range(masters)
+        ]
+
+    @property
+    def nodes(self) -> list[RedisClusterNodeProcess]:
+        """Every node, masters first, as they were started."""
+        return [*self.masters, *self.replicas]
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://h:p,...`` naming every node."""
+        return "redis+cluster://" + ",".join(f"{n.host}:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> Self:
+        """Start and join the nodes; wait until the cluster is ``ok`` with every replica."""
+        try:
+            for node in self.nodes:
+                node.start()
+            self._join(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _join(self, timeout: float) -> None:
+        per_master = CLUSTER_SLOTS // len(self.masters)
+        for index, node in enumerate(self.masters):
+            first = index * per_master
+            last = CLUSTER_SLOTS - 1 if index == len(self.masters) - 1 else first + per_master - 1
+            client = redis_client(node.address)
+            try:
+                client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", index + 1)
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last)
+            finally:
+                client.close()
+        meeting = redis_client(self.masters[0].address)
+        try:
+            for node in self.nodes[1:]:
+                meeting.execute_command("CLUSTER", "MEET", node.host, node.port, node.bus_port)
+        finally:
+            meeting.close()
+        count = len(self.nodes)
+
+        def all_met() -> bool:
+            return all(
+                sum("handshake" not in n["flags"] for n in node.cluster_nodes()) == count
+                for node in self.nodes
+            )
+
+        _wait_until(all_met, "every cluster node knowing every other", timeout)
+        ids = [master.node_id() for master in self.masters]
+        for replica, master_id in zip(self.replicas, ids, strict=True):
+            client = redis_client(replica.address)
+            try:
+                client.execute_command("CLUSTER", "REPLICATE", master_id)
+            finally:
+                client.close()
+
+        def ready() -> bool:
+            for node in self.nodes:
+                view = node.cluster_nodes()
+                replicas = [n for n in view if "slave" in n["flags"] and n["master"] in ids]
+                if len(replicas) != len(self.replicas) or node.cluster_state() != "ok":
+                    return False
+            return all(replica.in_sync() for replica in self.replicas)
+
+        _wait_until(ready, "the Redis Cluster ok with every replica in sync", timeout)
+
+    def stop(self) -> None:
+        """Stop every node (SIGKILL)."""
+        for node in self.nodes:
+            node.stop()
+
+    def masters_now(self, asked: RedisClusterNodeProcess) -> list[RedisClusterNodeProcess]:
+        """The nodes ``asked`` sees as masters serving slots, not failing."""
+        serving = {
+            n["address"]
+            for n in asked.cluster_nodes()
+            if "master" in n["flags"] and n["slots"] and not {"fail", "fail?"} & n["flags"]
+        }
+        return [node for node in self.nodes if node.address in serving]
+
+    def master_of(self, key: str) -> RedisClusterNodeProcess:
+        """The master serving ``key``'s hash slot now (asked of a live node)."""
+        asked = next(node for node in self.nodes if node.running and not node.frozen)
+        client = redis_client(asked.address)
+        try:
+            slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+        finally:
+            client.close()
+        for entry in asked.cluster_nodes():
+            if "master" not in entry["flags"]:
+                continue
+            for served in entry["slots"]:
+                if served.startswith("["):  # a slot being migrated
+                    continue
+                first, _, last = served.partition("-")
+                if int(first) <= slot <= int(last or first):
+                    return next(node for node in self.nodes if node.address == entry["address"])
+        raise LookupError(f"no master serves slot {slot} of {key!r}")
+
+    def wait_for_takeover(
+        self, lost: RedisClusterNodeProcess, timeout: float = 30.0
+    ) -> RedisClusterNodeProcess:
+        """Wait until ``lost``'s replica serves its slots and every live node says ``ok``.
+
+        Raises:
+            TimeoutError: no replica took over within ``timeout`` seconds.
+        """
+        heir = self.replicas[self.masters.index(lost)] if lost in self.masters else None
+        if heir is None:
+            raise ValueError(f"{lost!r} is not one of the masters the cluster started with")
+        live = [node for node in self.nodes if node is not lost and node.running]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if all(
+                    node.cluster_state() == "ok" and heir in self.masters_now(node) for node in live
+                ):
+                    return heir
+            except Exception:  # a node mid-election: ask again
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"no replica took over from {lost!r} within {timeout}s")
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

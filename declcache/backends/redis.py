@@ -193,6 +193,38 @@ class ClusterStore(RedisStore):
         values: list[bytes | None] = self._client.mget_nonatomic(list(keys))
         return values
 
+    def write_many(self, entries: Sequence[Write]) -> None:
+        """One pipeline per master; a master that fails does not keep the others' writes.
+
+        An invalidation's tombstones and tokens live on several masters. While one master is
+        lost, the others must still get theirs: the rows they hold are what other processes
+        read meanwhile. The first error is raised once every master was tried (the whole
+        change is then queued and replayed: writing it twice is harmless). A master that
+        fails is retried key by key through the cluster client, which follows a slot that
+        moved (a replica taking over).
+        """
+        by_node: dict[str, list[Write]] = {}
+        nodes: dict[str, Any] = {}
+        for entry in entries:
+            node = self._client.get_node_from_key(entry[0])
+            by_node.setdefault(node.name, []).append(entry)
+            nodes[node.name] = node
+        failed: Exception | None = None
+        for name, group in by_node.items():
+            try:
+                pipe = self._client.get_redis_connection(nodes[name]).pipeline(transaction=False)
+                for key, value, ttl in group:
+                    pipe.set(key, value, ex=_expiry(ttl))
+                pipe.execute()
+            except Exception:  # the slot moved, or the master is lost: key by key
+                for key, value, ttl in group:
+                    try:
+                        self._client.set(key, value, ex=_expiry(ttl))
+                    except Exception as error:
+                        failed = failed or error
+        if failed is not None:
+            raise failed
+
     def compare_and_set(self, swaps: Sequence[Swap], ttl: int) -> list[bool]:
         """One script call per key."""
         one_by_one = super().compare_and_set

@@ -162,13 +162,14 @@ class CacheManager:
     def is_cached(self, model: type) -> bool:
         """Whether this manager caches ``model`` (it has a CacheMeta and is enabled).
 
-        Decided by the settings alone: a write must be recorded for invalidation even while
-        the backend is too far gone for the model's cache to be built.
+        While the backend is too far gone for the model's cache to be built, the settings
+        decide: a write must still be recorded for invalidation.
         """
-        if model in self._caches:
-            return self._caches[model] is not None
-        spec = self.spec(model)
-        return self._backend is not None and spec is not None and spec.enabled
+        try:
+            return self._cache(model) is not None
+        except BackendUnavailable:
+            spec = self.spec(model)
+            return spec is not None and spec.enabled
 
     # -- building a model's cache ------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from declcache.exceptions import (
     DeclCacheError,
     NotFoundError,
     SettingsError,
+    StrictConsistencyError,
 )
 from declcache.settings import CacheConfig, CacheSettings
 
@@ -33,6 +34,7 @@ __all__ = [
     "ModelStats",
     "NotFoundError",
     "SettingsError",
+    "StrictConsistencyError",
     "__version__",
     "setup_cache_listeners",
 ]

@@ -41,6 +41,7 @@ __all__ = [
     "drop_rolled_back",
     "forget_frames",
     "manager_of",
+    "merged_frames",
     "never_failing_the_database",
     "pending_changes",
     "record_keys",
@@ -206,7 +207,19 @@ def drop_rolled_back(session: Session, previous_transaction: SessionTransaction)
 
 def take_frames(session: Session) -> Changes | None:
     """Remove every frame, merged into one set of changes; ``None`` when nothing was written."""
-    frames = session.info.pop(_FRAMES_KEY, None)
+    merged = merged_frames(session)
+    session.info.pop(_FRAMES_KEY, None)
+    return merged
+
+
+def merged_frames(session: Session) -> Changes | None:
+    """Every frame still open, merged into one set of changes (a copy); ``None`` if none.
+
+    What the outermost commit will hand to the manager, as long as nothing is flushed in
+    between: the strict mode marks it just before the database commits
+    (:mod:`declcache._strict`).
+    """
+    frames = session.info.get(_FRAMES_KEY)
     if not frames:
         return None
     merged: Changes = {}

@@ -15,7 +15,10 @@ own life live here; each frame of changes is kept by :mod:`declcache._frames`:
   savepoints inside it, so a rolled-back savepoint forgets only its own changes;
 * ``after_commit`` of the outermost transaction hands all remaining frames to the manager —
   unless the session was joined to a database transaction that is still open: then they wait
-  for its ``COMMIT`` (:mod:`declcache._outer_commit`).
+  for its ``COMMIT`` (:mod:`declcache._outer_commit`);
+* with a strict manager (``DECLCACHE_CONSISTENCY=strict``), the engine's ``commit`` event
+  marks the frames in the cache first, after the last flush and before the database commits
+  (:mod:`declcache._strict`), and ``after_commit`` hands the markers' claims over with them.
 
 Statements a session runs outside its unit of work (the legacy bulk methods, Core through a
 session) are seen at the engine (:mod:`declcache._core_writes`).
@@ -31,7 +34,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.pool import Pool
 
-from declcache import _core_writes, _outer_commit
+from declcache import _core_writes, _outer_commit, _strict
 from declcache._association_writes import record_association_writes
 from declcache._cascades import record_cascades
 from declcache._frames import (
@@ -100,6 +103,7 @@ def setup_cache_listeners(default_manager: CacheManager | None = None) -> None:
         event.listen(Engine, "after_execute", _core_writes.after_execute)
         event.listen(Engine, "rollback", _outer_commit.root_rolled_back)
         event.listen(Pool, "reset", _outer_commit.pool_reset)
+        _strict.install()
         _state["registered"] = True
 
 
@@ -214,6 +218,7 @@ def _after_commit(session: Session) -> None:
     manager = manager_of(session)
     if changes is None or manager is None:
         return
+    _strict.attach_claims(session, changes)
     if not _outer_commit.defer_to_outer_commit(session, manager, changes):
         apply_changes(manager, changes)
 
@@ -221,5 +226,6 @@ def _after_commit(session: Session) -> None:
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None:  # the outermost transaction ended (committed or not)
         forget_frames(session)
+        _strict.forget_claims(session)
         _outer_commit.forget_connections(session)
         _core_writes.flush_ended(session)

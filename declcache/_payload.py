@@ -11,6 +11,14 @@ payload is one list encoded by the model's format:
 * a tombstone: ``[fingerprint, "x<random>"]`` — written on invalidation; it never matches a
   generation, so it reads as a miss, and its unique bytes let a fill detect that it lost a race.
 
+A *marker* (``DECLCACHE_CONSISTENCY=strict``, :mod:`declcache._strict`) is written by a commit
+before the database has it, over entity keys and tokens alike: ``~<claim>@<deadline>…``, one
+claim per commit in flight, in dogpile's layout but unstamped and in no model's format, so
+that every reader recognises it from its first payload byte whatever the model's serializer.
+At an entity key it reads as a miss (as a tombstone does); at a token key it is the token, so
+every entry under the old one misses. While one of its claims' deadlines (wall clock) is
+ahead, no read may fill what it saw (see :func:`declcache._reads.lagging`).
+
 Every payload's metadata also holds the model's fingerprint, ``{"ct":…,"v":2,"fp":"…"}``,
 readable whatever the format. Keys and tokens do not hold it: two releases of a model running
 side by side (a column added, another serializer) share every key and token, so a commit by
@@ -40,6 +48,8 @@ import cachetools
 from declcache._private_apis import cache_items
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from declcache._codec import Row
     from declcache.serializers import SerializationFormat
 
@@ -52,7 +62,11 @@ __all__ = [
     "Payload",
     "PayloadError",
     "Payloads",
+    "is_marker",
+    "marker_claims",
+    "marker_value",
     "new_token",
+    "token_claims",
     "unwrap",
     "unwrap_stamped",
     "wrap",
@@ -65,6 +79,9 @@ value_version = 2
 ENTITY, NOT_FOUND, POINTER, LIST = "e", "n", "p", "l"
 #: A cached relationship collection: its members' primary keys (:mod:`declcache._associations`).
 COLLECTION = "c"
+#: What a strict-consistency marker's text starts with, and what separates its claims: a
+#: character no token (hex) and no format's payload (a list) starts with.
+MARKER = "~"
 
 #: Parsed payloads a model remembers, at most, and the bytes they may take: a payload counts
 #: as at least ``REMEMBERED_PAYLOAD_BYTES / REMEMBERED_PAYLOADS`` bytes, so both bounds hold.
@@ -109,6 +126,59 @@ _HEAD_START = b'{"ct":'
 _HEAD_END = b',"v":%d}' % value_version
 _STAMP_START = b',"v":%d,"fp":"' % value_version
 _STAMP_END = b'"}'
+_MARKER_BYTE = MARKER.encode("ascii")
+
+
+def marker_value(claims: Mapping[str, float]) -> bytes:
+    """What a key holds while the commits ``claims`` names are in flight: ``{claim: deadline}``.
+
+    Deadlines are wall-clock times (``time.time()``), kept to the millisecond.
+    """
+    text = "".join(f"{MARKER}{claim}@{deadline:.3f}" for claim, deadline in claims.items())
+    return wrap(text.encode("ascii"))
+
+
+def is_marker(raw: Any) -> bool:
+    """Whether a stored value is a marker: its first payload byte, after the metadata.
+
+    A quick test, asked of every value a fill would replace: a stamped payload's metadata
+    ends before its first ``|``, and no format writes a ``~`` first.
+    """
+    if type(raw) is not bytes:
+        return False
+    cut = raw.find(_SEPARATOR)
+    return cut > 0 and raw[cut + 1 : cut + 2] == _MARKER_BYTE
+
+
+def marker_claims(raw: Any) -> dict[str, float] | None:
+    """``{claim: deadline}`` of a stored marker; ``None`` when ``raw`` is no marker."""
+    if not is_marker(raw):
+        return None
+    cut = raw.find(_SEPARATOR)
+    if not raw.endswith(_HEAD_END, 0, cut):  # a marker is never stamped
+        return None
+    return _claims(raw[cut + 1 :].decode("ascii", "replace"))
+
+
+def token_claims(token: str) -> dict[str, float]:
+    """``{claim: deadline}`` of the markers in a token as read (``a|b`` in a named scope)."""
+    found: dict[str, float] = {}
+    for part in token.split("|"):
+        if part.startswith(MARKER):
+            found.update(_claims(part))
+    return found
+
+
+def _claims(text: str) -> dict[str, float]:
+    """Parse ``~claim@deadline~claim@deadline``; an unreadable deadline never ends."""
+    found: dict[str, float] = {}
+    for item in text.split(MARKER)[1:]:
+        claim, _, deadline = item.partition("@")
+        try:
+            found[claim] = float(deadline)
+        except ValueError:
+            found[claim] = math.inf
+    return found
 
 
 def unwrap(raw: Any) -> tuple[float, bytes]:
@@ -260,10 +330,10 @@ class Payloads:
     def parse(self, raw: bytes | None) -> Payload | None:
         """The payload ``raw`` holds, whatever its generation and age; ``None`` if none.
 
-        A tombstone is ``None`` too: it holds nothing. So is a payload another release of
-        this model wrote (same lineage, another fingerprint: another schema or format, as
-        while a deploy rolls): expected, so not an error; it is checked in the metadata,
-        before anything of it is decoded, and the reader's fill replaces it.
+        A tombstone is ``None`` too: it holds nothing, and so does a marker. So is a payload
+        another release of this model wrote (same lineage, another fingerprint: another
+        schema or format, as while a deploy rolls): expected, so not an error; it is checked
+        in the metadata, before anything of it is decoded, and the reader's fill replaces it.
 
         Raises:
             PayloadError: ``raw`` is not a payload of this model, schema and format.
@@ -281,6 +351,8 @@ class Payloads:
         if stamp != self._stamp:
             if stamp is not None and stamp[:LINEAGE_CHARS] == self._lineage:
                 return None  # another release of this model
+            if stamp is None and payload[:1] == _MARKER_BYTE:
+                return None  # a strict commit's marker: holds nothing, as a tombstone
             raise PayloadError("a payload of another model, or not stamped by declcache")
         try:
             data = self._format.loads(payload)

@@ -20,12 +20,16 @@ How a read stays correct (see docs/invalidation.md):
 * a row read from a replica that declares a lag of ``L`` seconds is only filled over values
   and tokens written more than ``L`` seconds before the look-up: a younger tombstone or token
   marks a commit the replica may not have applied yet (see :func:`lagging`);
+* a look-up that saw a strict commit's *marker* still running (a commit in flight,
+  :mod:`declcache._strict`) never fills: it reads the database, which may not have that
+  commit yet (see :func:`lagging`); a marker reads as a miss, so it is never a hit either;
 * every list payload carries the model's *list version* token, replaced on every change.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -37,10 +41,21 @@ from declcache._api import Lookup
 from declcache._codec import Row, UnencodableValueError
 from declcache._driver import LOAD, Call
 from declcache._keys import match
-from declcache._payload import ENTITY, LIST, NOT_FOUND, POINTER, new_token, unwrap
+from declcache._payload import (
+    ENTITY,
+    LIST,
+    MARKER,
+    NOT_FOUND,
+    POINTER,
+    is_marker,
+    marker_claims,
+    new_token,
+    token_claims,
+    unwrap,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Collection, Sequence
 
     from sqlalchemy.orm import Session
 
@@ -59,6 +74,7 @@ __all__ = [
     "lagging",
     "load",
     "load_list",
+    "marked",
     "missed",
     "probe",
     "probe_list",
@@ -370,15 +386,25 @@ def lagging(
     cache: ModelCache,
     lag: float,
     ticket: Ticket | ListProbe,
-    seen: Iterable[bytes | None],
+    seen: Collection[bytes | None],
 ) -> bool:
-    """Whether a row read from a replica lagging by up to ``lag`` seconds may miss a commit.
+    """Whether a row read after this look-up may miss a commit, so must not be cached.
 
-    That is, whether the look-up saw a value in the keys (a tombstone, above all) or a token
-    written less than ``lag`` seconds before it. An empty key means no commit for ttl +
-    grace seconds (a tombstone's life), so a lag longer than the ttl never fills. Wall
-    clocks of different hosts are compared here: the declared lag must cover their skew.
+    Two kinds of commit can be missing from what the database answered:
+
+    * one a strict writer had marked but maybe not yet committed: the look-up saw a marker
+      still running, in a token or in one of the keys ``seen``; asked of every fill in every
+      mode, at the price of one character test per token and one byte test per key;
+    * one a replica lagging by up to ``lag`` seconds has not applied yet: the look-up saw a
+      value in the keys (a tombstone, above all) or a token written less than ``lag``
+      seconds before it. An empty key means no commit for ttl + grace seconds (a
+      tombstone's life), so a lag longer than the ttl never fills. Wall clocks of
+      different hosts are compared here: the declared lag must cover their skew.
     """
+    version = ticket.generation if isinstance(ticket, Ticket) else ticket.version
+    saw_marker = (version is not None and MARKER in version) or any(map(is_marker, seen))
+    if saw_marker and _marked_at_look_up(ticket, version, seen):
+        return True
     if lag <= 0:
         return False
     if lag >= cache.ttl:
@@ -394,6 +420,31 @@ def lagging(
         except ValueError:
             return True  # a value of unknown age
         if looked_up - written < lag:
+            return True
+    return False
+
+
+def marked(version: str, at: float) -> bool:
+    """Whether the token ``version`` holds a strict marker still running at ``at`` (wall clock)."""
+    return MARKER in version and any(end > at for end in token_claims(version).values())
+
+
+def _marked_at_look_up(
+    ticket: Ticket | ListProbe, version: str | None, seen: Collection[bytes | None]
+) -> bool:
+    """Whether a marker the look-up saw was still running when it looked (then: no fill).
+
+    Judged at the look-up, not now: a marker running then means the database read that
+    followed may predate its commit, even if the marker ran out since.
+    """
+    if not math.isfinite(ticket.started):
+        return True
+    looked_up = time.time() - (time.monotonic() - ticket.started)
+    if version is not None and marked(version, looked_up):
+        return True
+    for raw in seen:
+        claims = marker_claims(raw)
+        if claims and any(end > looked_up for end in claims.values()):
             return True
     return False
 

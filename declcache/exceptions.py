@@ -6,10 +6,12 @@ Every error derives from one root, so ``except DeclCacheError`` catches all of t
     ├── ConfigurationError (also a ValueError)
     │   ├── CacheMetaError      a model's CacheMeta is invalid
     │   └── SettingsError       a DECLCACHE_* variable or CacheConfig value is invalid
-    └── NotFoundError (also a LookupError)   a repository lookup found no row
+    ├── NotFoundError (also a LookupError)   a repository lookup found no row
+    └── StrictConsistencyError   a strict commit could not mark its rows: nothing committed
 
 Cache *faults* (a backend that is down, a payload that cannot be decoded) are never raised to
-the caller: they degrade to the database and are logged and counted instead.
+the caller: they degrade to the database and are logged and counted instead — except in
+``DECLCACHE_CONSISTENCY=strict``, whose commits refuse to go on without the cache.
 
 This module imports nothing else from the package.
 """
@@ -22,6 +24,7 @@ __all__ = [
     "DeclCacheError",
     "NotFoundError",
     "SettingsError",
+    "StrictConsistencyError",
 ]
 
 
@@ -61,3 +64,19 @@ class SettingsError(ConfigurationError):
 
 class NotFoundError(DeclCacheError, LookupError):
     """A repository lookup matched no row."""
+
+
+class StrictConsistencyError(DeclCacheError):
+    """A strict commit could not mark the rows it changes in the cache: nothing was committed.
+
+    Raised from ``session.commit()`` (or the outer connection's ``commit()``) before the
+    database commit; roll the session back. The message names the model and the backend's
+    error, never a secret.
+
+    Attributes:
+        model: name of the model whose markers could not be written.
+    """
+
+    def __init__(self, model: str, problem: str) -> None:
+        self.model = model
+        super().__init__(problem)

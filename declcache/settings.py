@@ -34,7 +34,7 @@ import re
 from collections.abc import Callable, Mapping
 from enum import IntEnum
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Annotated, Any, Self, TypeVar, cast, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, TypeVar, cast, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -81,6 +81,13 @@ DEFAULT_MEMORY_MAX_ENTRIES = 10_000
 DEFAULT_BREAKER_INTERVAL = 1.0
 #: Entries one process keeps in its near cache unless configured.
 DEFAULT_NEAR_CACHE_MAX_ENTRIES = 10_000
+#: What a commit does for the processes that read while it commits (docs/scale-out.md).
+Consistency = Literal["default", "strict"]
+DEFAULT_CONSISTENCY: Consistency = "default"
+#: Seconds a strict commit's markers block fills when nothing clears them: long enough for a
+#: database ``COMMIT`` that waits on a lock (SQLite's default busy timeout is 5 s) and for the
+#: clock skew between hosts, short enough that a writer cut off from the cache costs little.
+DEFAULT_STRICT_MARKER_TTL = 10.0
 #: The most entries an in-process cache may keep: beyond, it would hold gigabytes.
 MAX_ENTRIES = 100_000_000
 #: The largest payload worth caching: Redis' largest string (Memcached's items are smaller).
@@ -274,6 +281,13 @@ class CacheConfig:
             reads and writes in, when the database cannot tell it (row-level tenancy); or
             ``"package.module:name"`` naming that function. Every key of a session's reads
             and writes is scoped by it (see docs/tenancy.md). ``None``: no such context.
+        consistency: ``"default"``, or ``"strict"``: before its database commit, a session
+            marks the keys it will invalidate, so that no process reads the old row from the
+            cache even if this one loses the backend right after committing; a commit whose
+            marks cannot be written fails before the database changes (docs/scale-out.md,
+            "Strict consistency"). Every process sharing the backend should use the same.
+        strict_marker_ttl: seconds a strict commit's marks keep other processes from filling
+            what it changed when it cannot lift them itself (it lost the backend).
 
     Attributes:
         origins: where each field's value came from; not an argument, and not compared.
@@ -299,6 +313,10 @@ class CacheConfig:
     near_cache: StrictBool = False
     near_cache_max_entries: _Entries = DEFAULT_NEAR_CACHE_MAX_ENTRIES
     scope: Annotated[Any, AfterValidator(_scope_function)] = None
+    consistency: Consistency = DEFAULT_CONSISTENCY
+    strict_marker_ttl: Annotated[StrictFloat, Field(gt=0, le=MAX_WAIT, allow_inf_nan=False)] = (
+        DEFAULT_STRICT_MARKER_TTL
+    )
     origins: Mapping[str, Origin] = dataclasses.field(
         init=False, default_factory=dict, repr=False, compare=False
     )

@@ -16,6 +16,7 @@ from declcache import (
     DeclCacheError,
     NotFoundError,
     SettingsError,
+    StrictConsistencyError,
 )
 
 EXPECTED_EXPORTS = {
@@ -30,6 +31,7 @@ EXPECTED_EXPORTS = {
     "ModelStats",
     "NotFoundError",
     "SettingsError",
+    "StrictConsistencyError",
     "__version__",
     "setup_cache_listeners",
 }
@@ -68,6 +70,8 @@ def test_exception_tree() -> None:
     assert issubclass(ConfigurationError, ValueError)
     assert issubclass(NotFoundError, DeclCacheError)
     assert issubclass(NotFoundError, LookupError)
+    assert issubclass(StrictConsistencyError, DeclCacheError)
+    assert not issubclass(StrictConsistencyError, ConfigurationError)  # a fault, not a setting
 
 
 def test_version_matches_the_installed_distribution() -> None:

@@ -36,6 +36,8 @@ DEFAULTS = {
     "near_cache": False,
     "near_cache_max_entries": 10_000,
     "scope": None,
+    "consistency": "default",
+    "strict_marker_ttl": 10.0,
 }
 
 

@@ -1018,13 +1018,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return analyze(args, reports, times, len(processes))
 
 
-def _terminated(signum: int, _frame: Any) -> None:
-    raise SystemExit(128 + signum)  # unwinds run()'s clean-up: signals, table, server
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, stress._terminated)  # unwinds run()'s clean-up
     summary = run(args)
     text = json.dumps(summary, indent=2)
     if args.json_path:

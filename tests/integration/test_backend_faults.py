@@ -404,10 +404,9 @@ class FlakyStore:
         self.inner.delete_many(keys)
 
 
-def test_a_commit_writes_its_own_invalidation_and_never_the_queue(
-    engine: Engine, key_prefix: str
-) -> None:
-    """Queued invalidations are written by the replay thread in batches, never by a commit."""
+def flaky_writer(engine: Engine, key_prefix: str) -> tuple[CacheManager, Reader, FlakyStore]:
+    """A writing manager whose store is a :class:`FlakyStore`, and a reader of another
+    manager on the same memory backend; items 1 to 3 cached."""
     config = CacheConfig(
         backend="dogpile.cache.memory",
         arguments={"cache_dict": {}},
@@ -416,11 +415,19 @@ def test_a_commit_writes_its_own_invalidation_and_never_the_queue(
     )
     writer = CacheManager(config)
     reader = Reader(engine, CacheManager(config))
-    warm(reader, 1, 2)
+    warm(reader, 1, 2, 3)
     cache = writer._cache(Item)
     assert cache is not None
     store = FlakyStore(cache.store)
-    cache.store = store
+    cache.store = store  # fault injection: the manager's own store, wrapped
+    return writer, reader, store
+
+
+def test_a_commit_writes_its_own_invalidation_and_never_the_queue(
+    engine: Engine, key_prefix: str
+) -> None:
+    """Queued invalidations are written by the replay thread in batches, never by a commit."""
+    writer, reader, store = flaky_writer(engine, key_prefix)
 
     store.down = True
     for round_ in range(200):  # 200 queued changes of item 1
@@ -441,19 +448,7 @@ def test_a_commit_writes_its_own_invalidation_and_never_the_queue(
 
 def test_a_change_queued_during_a_replay_is_replayed_too(engine: Engine, key_prefix: str) -> None:
     """The replay removes only what it wrote: a change queued meanwhile is written next."""
-    config = CacheConfig(
-        backend="dogpile.cache.memory",
-        arguments={"cache_dict": {}},
-        key_prefix=key_prefix,
-        breaker_interval=0,
-    )
-    writer = CacheManager(config)
-    reader = Reader(engine, CacheManager(config))
-    warm(reader, 1, 2, 3)
-    cache = writer._cache(Item)
-    assert cache is not None
-    store = FlakyStore(cache.store)
-    cache.store = store  # fault injection: the manager's own store, wrapped
+    writer, reader, store = flaky_writer(engine, key_prefix)
 
     store.hold_next = True
     store.down = True

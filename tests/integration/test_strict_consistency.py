@@ -721,9 +721,8 @@ def test_what_a_commit_costs_the_backend_in_each_mode(
     engine.dispose()
 
 
+@pytest.mark.parametrize("urls", ["postgresql"], indirect=True)  # pysqlite: no savepoints
 def test_a_rolled_back_savepoint_is_not_marked(world: Partitioned) -> None:
-    if world.sync_url.startswith("sqlite"):
-        pytest.skip("pysqlite needs the BEGIN recipe for savepoints")
     engine = create_engine(world.sync_url)
     with world.managers() as (writer, _readers):
         marked: list[bool] = []

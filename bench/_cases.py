@@ -91,10 +91,17 @@ class Stack:
         return self.async_engines[db]
 
     def manager(
-        self, backend: str, tag: str, *, near: bool | None = None, scope: Any = None
+        self,
+        backend: str,
+        tag: str,
+        *,
+        near: bool | None = None,
+        scope: Any = None,
+        consistency: Any = "default",
     ) -> CacheManager:
         """A manager on ``backend`` with its own key prefix (``tag``); the near cache on for
-        ``redis+near`` unless ``near`` says otherwise; ``scope``: its scope function."""
+        ``redis+near`` unless ``near`` says otherwise; ``scope``: its scope function;
+        ``consistency``: ``"default"`` or ``"strict"`` (issue 16)."""
         name, arguments = _env.cache_backend(backend)
         self.redis_used |= backend in {"redis", _env.NEAR}
         config = CacheConfig(
@@ -103,10 +110,19 @@ class Stack:
             key_prefix=f"{self.run_prefix}{tag}:",
             near_cache=backend == _env.NEAR if near is None else near,
             scope=scope,
+            consistency=consistency,
         )
         manager = CacheManager(config)
         self.managers.append(manager)
         return manager
+
+    def dispose(self, loop: Any) -> None:
+        """Dispose of every engine (the async ones on ``loop``), then close ``loop``."""
+        for engine in self.async_engines.values():
+            loop.run_until_complete(engine.dispose())
+        for engine in self.engines.values():
+            engine.dispose()
+        loop.close()
 
     def sessions(
         self, db: str, manager: CacheManager | None = None, **info: Any
@@ -252,7 +268,9 @@ def _tenant_hit_case(stack: Stack, backend: str, db: str) -> Case:
     return Case("layers", f"repo.get {backend} {db} sync, in a tenant's scope", run=run)
 
 
-def hit_cases(stack: Stack, backend: str, db: str) -> list[Case]:
+def hit_cases(stack: Stack, backend: str, db: str, *, layers: bool | None = None) -> list[Case]:
+    """``repo.get`` hits, sync and async; with ``layers`` (default: on the first database)
+    the cases that cut a hit apart too."""
     manager = stack.manager(backend, f"hit-{backend}-{db}")
     sessions = stack.sessions(db, manager)
     async_sessions = stack.async_sessions(db, manager)
@@ -270,7 +288,7 @@ def hit_cases(stack: Stack, backend: str, db: str) -> list[Case]:
         Case("declcache hit", f"repo.get {backend} {db} sync", run=run),
         Case("declcache hit", f"repo.get {backend} {db} async", arun=arun),
     ]
-    if db == stack.first_db:  # the layers under repo.get, once per backend
+    if db == stack.first_db if layers is None else layers:  # the layers under repo.get
 
         def empty_session(_ident: int) -> None:
             with sessions() as session:
@@ -473,6 +491,22 @@ def write_cases(stack: Stack, backend: str, db: str) -> list[Case]:
             run=lambda i: update(cached, i),
         ),
     ]
+
+
+def strict_write_case(stack: Stack, backend: str, db: str) -> Case:
+    """update + commit of one row with ``DECLCACHE_CONSISTENCY=strict`` (issue 16): markers
+    written before the database commit, replaced after it; beside ``write_cases``' default."""
+    manager = stack.manager(backend, f"write-strict-{backend}-{db}", consistency="strict")
+    sessions = stack.sessions(db, manager)
+
+    def update(ident: int) -> None:
+        with sessions() as session:
+            account = session.get(Account, ident)
+            assert account is not None
+            account.visits += 1
+            session.commit()
+
+    return Case("write", f"update+commit {db} listeners, {backend} strict", run=update)
 
 
 # -- the near cache under writes ------------------------------------------------------------------

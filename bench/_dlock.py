@@ -47,12 +47,7 @@ def main(options: dict[str, Any]) -> dict[str, int]:
     manager.get(_env.Account, 0)  # connects to Redis
     with engine.connect():
         pass
-    Path(options["ready"]).touch()
-    deadline = time.monotonic() + 30
-    while not Path(options["go"]).exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError("never told to go")
-        time.sleep(0.001)
+    ready_then_wait(options["ready"], options["go"])
     barrier = threading.Barrier(THREADS)
 
     def read() -> None:
@@ -68,6 +63,16 @@ def main(options: dict[str, Any]) -> dict[str, int]:
         thread.join()
     engine.dispose()
     return {"selects": selects[0]}
+
+
+def ready_then_wait(ready: str, go: str, timeout: float = 30) -> None:
+    """Touch the file ``ready``, then wait until the file ``go`` exists (the driver's start)."""
+    Path(ready).touch()
+    deadline = time.monotonic() + timeout
+    while not Path(go).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError("never told to go")
+        time.sleep(0.001)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import _cases, _env, _profile, _relationships
+from bench import _cases, _env, _issue17, _profile, _relationships
 from bench._cases import Case, Stack
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -387,6 +387,35 @@ def targets(
     return rows
 
 
+def strict_costs(by_name: dict[str, float], databases: list[str]) -> list[tuple[str, str, str]]:
+    """Issue 16: a commit's cost with ``DECLCACHE_CONSISTENCY=strict`` beside the default's."""
+    rows = []
+    for db in databases:
+        strict = by_name.get(f"update+commit {db} listeners, redis strict")
+        default = by_name.get(f"update+commit {db} listeners, redis")
+        plain = by_name.get(f"update+commit {db} no listeners")
+        if strict is None or default is None:
+            continue
+        medians = f"strict {strict:.0f} µs, default {default:.0f} µs"
+        medians += "" if plain is None else f", no listeners {plain:.0f} µs"
+        rows.append(
+            (
+                f"update+commit strict / default, redis {db}",
+                f"{strict / default:.2f}x",
+                medians + f"; +{strict - default:.0f} µs per commit",
+            )
+        )
+    return rows
+
+
+def print_strict_costs(rows: list[tuple[str, str, str]]) -> None:
+    if rows:
+        print("\nIssue 16: commit cost, strict against default consistency (ratios of medians):\n")
+        width = max(len(row[0]) for row in rows)
+        for label, value, medians in rows:
+            print(f"  {label:<{width}}  {value:>8}  ({medians})")
+
+
 def plot(cases: list[Case], path: Path, title: str) -> None:
     import matplotlib
 
@@ -450,11 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return run(stack, backends, options, loop, notes)
     finally:
-        for engine in stack.async_engines.values():
-            loop.run_until_complete(engine.dispose())
-        for engine in stack.engines.values():
-            engine.dispose()
-        loop.close()
+        stack.dispose(loop)
         if stack.redis_used:
             _env.delete_redis_keys(stack.run_prefix)
         databases.close()
@@ -515,6 +540,7 @@ def build_cases(
     for backend in [*backends, *([_env.NEAR] if "redis" in backends else [])]:
         for db in options.databases:
             cases += _cases.hit_cases(stack, backend, db)
+    cases += _issue17.suite_cases(stack, backends, floors, options.databases)
     for backend in backends:
         for db in options.databases:
             cases += _relationships.cached_cases(stack, backend, db)
@@ -534,6 +560,7 @@ def build_cases(
         cases += _cases.write_cases(stack, "memory", db)
         if "redis" in backends:
             cases += _cases.write_cases(stack, "redis", db)[1:]
+            cases.append(_cases.strict_write_case(stack, "redis", db))
     return _dedupe(cases)
 
 
@@ -567,6 +594,12 @@ def report(
         width = max(len(row[0]) for row in compared)
         for label, value, medians in compared:
             print(f"  {label:<{width}}  {value:>8}  ({medians})")
+    strict = strict_costs(by_name, options.databases)
+    print_strict_costs(strict)
+    issue17 = _issue17.read_targets(by_name, "back to back")
+    _issue17.print_rows(
+        "Targets of issue 17, back to back (python -m bench lockstep: both modes):", issue17
+    )
     for name, value in extras.items():
         if name.startswith("near cache"):
             print(f"\n  {name}: reads of random ids, 1 committed update by another manager")
@@ -612,6 +645,8 @@ def report(
         "medians_us": by_name,
         "targets": rows,
         "issue 15": compared,
+        "issue 16": strict,
+        "issue 17": issue17,
         "extras": extras,
         "notes": notes,
     }

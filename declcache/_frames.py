@@ -144,6 +144,14 @@ def record_keys(
     if spec is None:
         change.whole_model = True
         return
+    primary_key = primary_key_names(cached)
+    try:
+        identity = _old_and_new(target, primary_key)
+    except (AttributeError, KeyError):
+        identity = None
+    # The row's one primary key (not changed by this flush): a tombstone at each of its
+    # ``key_fields`` keys names it, so that a read by that key looks the row's entry up too.
+    pointed = next(iter(identity)) if identity is not None and len(identity) == 1 else None
     for fields in spec.key_fields:
         try:
             keys = _old_and_new(target, fields)
@@ -153,6 +161,8 @@ def record_keys(
             change.whole_model = True
         else:
             change.keys.update((fields, values) for values in keys)
+            if pointed is not None and fields != primary_key:
+                change.pointers.update(((fields, values), pointed) for values in keys)
 
 
 _UNKNOWN = object()

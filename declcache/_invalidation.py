@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from declcache._driver import Call
-from declcache._keys import UNSCOPED, Scope
+from declcache._keys import UNSCOPED, Scope, normalized
 from declcache._payload import POINTER, marker_claims, marker_value, new_token
 from declcache._reads import joined_token, marked
 
@@ -46,6 +46,7 @@ __all__ = [
     "mark",
     "pointed_primary_key",
     "targets",
+    "tombstones",
     "warm",
 ]
 
@@ -83,12 +84,15 @@ class ModelChanges:
         scopes: the scopes the changes were written in; none recorded means unscoped.
         claims: the strict commits that marked these keys before committing (none in the
             default mode): invalidating replaces their markers and nobody else's.
+        pointers: the primary key of the row each ``key_fields`` key in ``keys`` belongs to,
+            where known: its tombstone names it (see :func:`tombstones`).
     """
 
     keys: set[tuple[KeySet, tuple[Any, ...]]] = field(default_factory=set)
     whole_model: bool = False
     scopes: set[Scope] = field(default_factory=set)
     claims: list[Claim] = field(default_factory=list)
+    pointers: dict[tuple[KeySet, tuple[Any, ...]], tuple[Any, ...]] = field(default_factory=dict)
 
     def merge(self, other: ModelChanges) -> None:
         """Add ``other``'s changes to these."""
@@ -96,6 +100,7 @@ class ModelChanges:
         self.whole_model |= other.whole_model
         self.scopes |= other.scopes
         self.claims += other.claims
+        self.pointers.update(other.pointers)
 
     @property
     def size(self) -> int:
@@ -132,6 +137,29 @@ def targets(cache: ModelCache, change: ModelChanges) -> tuple[list[str], list[st
     return list(tombstones), list(tokens)
 
 
+def tombstones(cache: ModelCache, change: ModelChanges, keys: Sequence[str]) -> dict[str, bytes]:
+    """A fresh tombstone for each entity key of ``keys`` (the first list :func:`targets` gives).
+
+    At a ``key_fields`` key whose row's primary key ``change.pointers`` knows, the tombstone
+    names it (:meth:`~declcache._payload.Payloads.tombstone`): a read by that key then looks
+    the row's primary-key entry up in the same probe, as it follows a live pointer, so its
+    fill replaces what it saw there instead of meeting the commit's tombstone blind.
+    """
+    named: dict[str, tuple[str, ...]] = {}
+    if change.pointers:
+        primary_key = cache.keys.primary_key
+        for scope in change.scopes or (UNSCOPED,):
+            for builder in (cache.scoped(each).keys for each in {scope, scope.outside}):
+                for (fields, values), pointed in change.pointers.items():
+                    try:
+                        key = builder.entity_key(fields, values)
+                        named[key] = normalized(cache.mapper, primary_key, pointed)
+                    except (ValueError, TypeError, KeyError):
+                        continue
+    payloads = cache.payloads
+    return {key: payloads.tombstone(*named.get(key, ())) for key in keys}
+
+
 def invalidate(cache: ModelCache, change: ModelChanges) -> Flow[None]:
     """Tombstones and new tokens in one ``write_many``: one round trip on Redis.
 
@@ -139,14 +167,14 @@ def invalidate(cache: ModelCache, change: ModelChanges) -> Flow[None]:
     compare-and-set instead (:func:`_clear`), so that a marker another commit in flight
     still claims stays. A store fault propagates: the caller queues the change for replay.
     """
-    tombstones, tokens = targets(cache, change)
+    entity_keys, tokens = targets(cache, change)
+    dead = tombstones(cache, change, entity_keys)
     if change.claims:
-        written = yield from _clear(cache, change.claims, tombstones, tokens)
+        written = yield from _clear(cache, change.claims, dead, tokens)
         cache.counters.add("invalidations", written)
         return
-    writes: list[Write] = [
-        (key, cache.payloads.tombstone(), cache.server_ttl) for key in tombstones
-    ]
+    ttl = cache.server_ttl
+    writes: list[Write] = [(key, value, ttl) for key, value in dead.items()]
     writes.extend((key, cache.payloads.token_value(new_token()), cache.token_ttl) for key in tokens)
     yield Call("write_many", writes)
     cache.counters.add("invalidations", len(writes))
@@ -197,7 +225,7 @@ def mark(cache: ModelCache, change: ModelChanges, claim: Claim) -> Flow[None]:
 
 
 def _clear(
-    cache: ModelCache, claims: Sequence[Claim], tombstones: list[str], tokens: list[str]
+    cache: ModelCache, claims: Sequence[Claim], dead: dict[str, bytes], tokens: list[str]
 ) -> Flow[int]:
     """Replace the markers of ``claims`` with tombstones and new tokens; how many keys it wrote.
 
@@ -209,8 +237,7 @@ def _clear(
     unaware of markers replaced this commit's, since this commit's invalidation must land.
     """
     mine = {claim.id for claim in claims}
-    entity_keys = set(tombstones)
-    pending = [*tombstones, *tokens]
+    pending = [*dead, *tokens]
     expected = claims[0].marked if len(claims) == 1 else None
     written = 0
     for _ in range(MARK_ATTEMPTS):
@@ -225,8 +252,8 @@ def _clear(
             others = _live_claims(raw, now, mine)
             if others:
                 value = marker_value(others)
-            elif key in entity_keys:
-                value = cache.payloads.tombstone()
+            elif key in dead:
+                value = dead[key]
             else:
                 value = cache.payloads.token_value(new_token())
             swaps.append((key, raw, value))

@@ -10,6 +10,10 @@ payload is one list encoded by the model's format:
 * a list:      ``[fingerprint, version, "l", [values…], [values…], …]`` (or ``[…, "l", count]``)
 * a tombstone: ``[fingerprint, "x<random>"]`` — written on invalidation; it never matches a
   generation, so it reads as a miss, and its unique bytes let a fill detect that it lost a race.
+  At a ``key_fields`` key, when the commit knew the row's primary key, it names it:
+  ``[fingerprint, "x<random>", "p", primary-key text, …]`` — a pointer under a generation no
+  token equals, a miss for every reader (older releases included); a read by that key looks
+  the primary-key entry up as well, so that its fill can replace what it saw there.
 
 A *marker* (``DECLCACHE_CONSISTENCY=strict``, :mod:`declcache._strict`) is written by a commit
 before the database has it, over entity keys and tokens alike: ``~<claim>@<deadline>…``, one
@@ -63,6 +67,7 @@ __all__ = [
     "PayloadError",
     "Payloads",
     "is_marker",
+    "is_tombstone",
     "marker_claims",
     "marker_value",
     "new_token",
@@ -236,6 +241,16 @@ def _unwrap_any(raw: Any) -> tuple[float, bytes | None, bytes]:
     return float(created_at), None if stamp is None else stamp.encode(), payload
 
 
+def is_tombstone(payload: Payload) -> bool:
+    """Whether a parsed payload is a tombstone naming a primary key (a dead pointer).
+
+    Its generation is ``x<random>``: a token is hex (and ``|``, ``~`` in a named scope or a
+    marker), so it never matches one, and a reader never takes it for a live pointer.
+    """
+    generation = payload.generation
+    return type(generation) is str and generation.startswith("x")
+
+
 @dataclass(slots=True)
 class Payload:
     """A stored payload, parsed; remembered by its raw bytes (see :class:`Payloads`).
@@ -301,9 +316,17 @@ class Payloads:
         """A payload of ``kind`` written under ``generation`` (a generation or list version)."""
         return self._bytes([self._fingerprint, generation, kind, *body])
 
-    def tombstone(self) -> bytes:
-        """A value no read accepts and no other write ever equals."""
-        return self._bytes([self._fingerprint, "x" + secrets.token_hex(8)])
+    def tombstone(self, *primary_key: str) -> bytes:
+        """A value no read accepts and no other write ever equals.
+
+        At a ``key_fields`` key, ``primary_key`` (its canonical text, as a pointer holds it)
+        names the row the key belonged to: ``[fingerprint, "x<random>", "p", *primary_key]``,
+        a pointer under a generation no token ever equals (see :func:`is_tombstone`).
+        """
+        dead = "x" + secrets.token_hex(8)
+        if primary_key:
+            return self._bytes([self._fingerprint, dead, POINTER, *primary_key])
+        return self._bytes([self._fingerprint, dead])
 
     @staticmethod
     def token_value(token: str) -> bytes:

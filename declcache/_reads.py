@@ -47,7 +47,9 @@ from declcache._payload import (
     MARKER,
     NOT_FOUND,
     POINTER,
+    PayloadError,
     is_marker,
+    is_tombstone,
     marker_claims,
     new_token,
     token_claims,
@@ -209,7 +211,7 @@ def probe(
             generation, dict(zip(wanted, stored, strict=True)), started, raws[: len(tokens)]
         )
         parsed = [cache.current(raw, generation) for raw in stored]
-        pointers = _pointers(cache, parsed)
+        pointers = _pointers(cache, parsed, stored)
         if pointers:
             targets = list(dict.fromkeys(pointers.values()))
             found = dict(zip(targets, (yield Call("get_many", targets)), strict=True))
@@ -235,11 +237,32 @@ def probe(
     return Probe(results, ticket, keys)
 
 
-def _pointers(cache: ModelCache, parsed: list[Payload | None]) -> dict[int, str]:
-    """Index of each ``key_fields`` pointer among ``parsed``, and the key it leads to."""
+def _pointers(
+    cache: ModelCache, parsed: list[Payload | None], stored: Sequence[bytes | None]
+) -> dict[int, str]:
+    """Index of each ``key_fields`` pointer among ``parsed``, and the key it leads to.
+
+    A miss whose key holds a tombstone naming a primary key (``stored``: the raw values) is
+    one too: the entry it names is looked up with the live pointers' targets (so never on a
+    hit), not to answer the read but so that the fill after its database read replaces
+    what was seen there: else that fill, expecting nothing at the entry it did not look at,
+    would meet the very commit's tombstone and be refused, and the next read would query
+    again.
+    """
     pointers = {}
-    for index, item in enumerate(parsed):
-        if item is not None and item.kind == POINTER:
+    for index, current in enumerate(parsed):
+        item = current
+        if item is None:
+            raw = stored[index]
+            if raw is None:
+                continue
+            try:
+                item = cache.payloads.parse(raw)  # remembered by current(): a dict look-up
+            except PayloadError:
+                continue
+            if item is None or not is_tombstone(item):
+                continue
+        if item.kind == POINTER:
             target = cache.pointer_target(item)
             if target is not None:
                 pointers[index] = target
@@ -253,8 +276,14 @@ def _follow(
     found: dict[str, bytes | None],
     generation: str,
 ) -> None:
-    """Put in place of each pointer the entity it leads to (``found``), or ``None``."""
+    """Put in place of each pointer the entity it leads to (``found``), or ``None``.
+
+    A tombstone naming a primary key (``None`` in ``parsed``) stays a miss: the entry it
+    names was only looked up for the fill.
+    """
     for index, target in pointers.items():
+        if parsed[index] is None:
+            continue
         item = cache.current(found[target], generation)
         parsed[index] = item if item is not None and item.kind == ENTITY else None
 

@@ -43,6 +43,7 @@ __all__ = [
     "Breaker",
     "BreakerStats",
     "GuardedStore",
+    "capacity_errors",
     "probing_now",
 ]
 
@@ -65,6 +66,21 @@ def probing_now() -> Iterator[None]:
         yield
     finally:
         _probing_now.reset(token)
+
+
+def capacity_errors(store: object) -> tuple[type[BaseException], ...]:
+    """The errors of ``store`` that say its client's pool is exhausted, not that it failed.
+
+    A store may list them as ``capacity_errors`` (Redis: ``MaxConnectionsError``, when more
+    callers than ``max_connections`` waited longer than the pool lets them). The server
+    answers: opening the breaker would send every read to the database for an interval
+    because of one burst. Such a call fails alone (the caller reads the database) and leaves
+    the breaker as it was. A store wrapping another (the async adapter) is looked through.
+    """
+    found: Any = getattr(store, "capacity_errors", None)
+    if found is None:
+        found = getattr(getattr(store, "store", None), "capacity_errors", ())
+    return tuple(found)
 
 
 class BackendUnavailable(ConnectionError):
@@ -132,8 +148,11 @@ class Breaker:
         with self._lock:
             return BreakerStats(self._state, self._opened, self._refused)
 
-    def attempt(self) -> Attempt:
+    def attempt(self, not_faults: tuple[type[BaseException], ...] = ()) -> Attempt:
         """One backend call, admitted: ``with breaker.attempt() as probing: call()``.
+
+        An error of ``not_faults`` (see :func:`capacity_errors`) ends the call like a
+        cancellation: no fault, and a probe that gets it proves nothing.
 
         Raises:
             BackendUnavailable: the breaker is open; the backend must not be called.
@@ -141,7 +160,7 @@ class Breaker:
         admitted = self.admit()
         if admitted is None:
             raise BackendUnavailable("circuit breaker open: cache backend not called")
-        return Attempt(self, self._clock(), probing=admitted == "probe")
+        return Attempt(self, self._clock(), probing=admitted == "probe", not_faults=not_faults)
 
     def allow(self) -> bool:
         """Whether a call may go to the backend now (at most one probe when half-open)."""
@@ -231,12 +250,20 @@ class Attempt:
     connection would fail once after the backend returned, opening the breaker each time).
     """
 
-    __slots__ = ("_breaker", "_probing", "_started")
+    __slots__ = ("_breaker", "_not_faults", "_probing", "_started")
 
-    def __init__(self, breaker: Breaker, started: float, *, probing: bool) -> None:
+    def __init__(
+        self,
+        breaker: Breaker,
+        started: float,
+        *,
+        probing: bool,
+        not_faults: tuple[type[BaseException], ...] = (),
+    ) -> None:
         self._breaker = breaker
         self._started = started
         self._probing = probing
+        self._not_faults = not_faults
 
     def __enter__(self) -> bool:
         return self._probing
@@ -251,9 +278,9 @@ class Attempt:
         if error is None:
             if breaker._state != "closed":
                 breaker.succeeded(self._started)
-        elif isinstance(error, Exception):
+        elif isinstance(error, Exception) and not isinstance(error, self._not_faults):
             breaker.failed(error, self._started)
-        elif self._probing:  # cancelled, or the process is exiting: no answer at all
+        elif self._probing:  # cancelled, pool exhausted, or exiting: no answer at all
             breaker.abandoned(self._started)
 
 
@@ -268,6 +295,8 @@ class GuardedStore:
     def __init__(self, inner: Store, breaker: Breaker) -> None:
         self.inner = inner
         self.breaker = breaker
+        #: The inner store's "pool exhausted" errors: no fault (see :func:`capacity_errors`).
+        self.not_faults = capacity_errors(inner)
 
     def _call(self, method: str, *args: Any) -> Any:
         breaker = self.breaker
@@ -276,9 +305,10 @@ class GuardedStore:
             try:
                 return getattr(self.inner, method)(*args)
             except Exception as error:
-                breaker.failed(error, started)
+                if not isinstance(error, self.not_faults):
+                    breaker.failed(error, started)
                 raise
-        with breaker.attempt() as probing:
+        with breaker.attempt(self.not_faults) as probing:
             if probing:
                 self.reset_connections()
             return getattr(self.inner, method)(*args)
@@ -324,6 +354,8 @@ class AsyncGuardedStore:
     def __init__(self, inner: AsyncStore, breaker: Breaker) -> None:
         self.inner = inner
         self.breaker = breaker
+        #: The inner store's "pool exhausted" errors: no fault (see :func:`capacity_errors`).
+        self.not_faults = capacity_errors(inner)
 
     async def _call(self, method: str, *args: Any) -> Any:
         breaker = self.breaker
@@ -332,9 +364,10 @@ class AsyncGuardedStore:
             try:
                 return await getattr(self.inner, method)(*args)
             except Exception as error:
-                breaker.failed(error, started)
+                if not isinstance(error, self.not_faults):
+                    breaker.failed(error, started)
                 raise
-        with breaker.attempt() as probing:
+        with breaker.attempt(self.not_faults) as probing:
             if probing:
                 await self.reset_connections()
             return await getattr(self.inner, method)(*args)

@@ -12,6 +12,13 @@ what a leader must fill against; changed, a leader may just have filled it, so i
 
 :class:`ThreadFlights` serves threads; :class:`AsyncFlights` serves coroutines, whose followers
 await the leader's future (under one ``AsyncSession`` they must not query concurrently).
+
+Several keys at once (``get_many``): :meth:`ThreadFlights.claim` (or the async one) splits the
+keys, in one step, into those nobody is loading, which the caller now leads, and those a
+flight is loading, which it follows. It loads all it leads in one go, lands them
+(:meth:`~ThreadFlights.land`) with a value per key, and only then waits for the ones it
+follows: every caller finishes its own loads before it waits, so no two callers wait for
+each other. A key of ``get`` and of ``get_many`` is the same flight.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Hashable
+    from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 
 __all__ = ["AsyncFlights", "Outcome", "ThreadFlights"]
 
@@ -97,6 +104,52 @@ class ThreadFlights:
             call.done.set()
         return Outcome(value, None, leader=True, owner=owner)
 
+    def claim(
+        self, keys: Sequence[Hashable], owner: object
+    ) -> tuple[dict[Hashable, _Call], dict[Hashable, _Call]]:
+        """``(led, followed)``: the calls this thread now leads, and those another one runs.
+
+        A key this thread is already loading (a load that reads again) is neither: the caller
+        loads it itself, as :meth:`run` would. Land every led call (:meth:`land`), even
+        when the load fails, before waiting for a followed one (:meth:`wait`).
+        """
+        led: dict[Hashable, _Call] = {}
+        followed: dict[Hashable, _Call] = {}
+        me = threading.get_ident()
+        with self._lock:
+            for key in keys:
+                if key in led or key in followed:
+                    continue
+                call = self._calls.get(key)
+                if call is None:
+                    led[key] = self._calls[key] = _Call(owner)
+                elif call.thread != me:
+                    followed[key] = call
+        return led, followed
+
+    def land(
+        self,
+        led: Mapping[Hashable, _Call],
+        values: Mapping[Hashable, Any],
+        error: BaseException | None = None,
+    ) -> None:
+        """End the ``led`` calls: each key's value from ``values``, or ``error`` for all."""
+        for key, call in led.items():
+            call.value, call.error = (None, error) if error is not None else (values[key], None)
+        with self._lock:
+            for key, call in led.items():
+                if self._calls.get(key) is call:
+                    del self._calls[key]
+            self.landed += 1
+        for call in led.values():
+            call.done.set()
+
+    @staticmethod
+    def wait(call: _Call) -> Outcome[Any]:
+        """What the thread that leads ``call`` got, once it landed."""
+        call.done.wait()
+        return Outcome(call.value, call.error, leader=False, owner=call.owner)
+
 
 class AsyncFlights:
     """Singleflight for coroutines of one event loop (keys are kept apart per loop)."""
@@ -146,3 +199,64 @@ class AsyncFlights:
                 del self._calls[slot]
             self.landed += 1
         return Outcome(value, None, leader=True, owner=owner)
+
+    def claim(
+        self, keys: Sequence[Hashable], owner: object
+    ) -> tuple[dict[Hashable, asyncio.Future[Any]], dict[Hashable, tuple[Any, object]]]:
+        """``(led, followed)``: futures this coroutine now leads, and flights it follows.
+
+        Nothing is awaited in between, so the split is atomic on the loop. Land every led
+        future (:meth:`land`), even when the load fails or is cancelled, before awaiting a
+        followed one (:meth:`wait`).
+        """
+        loop = asyncio.get_running_loop()
+        led: dict[Hashable, asyncio.Future[Any]] = {}
+        followed: dict[Hashable, tuple[Any, object]] = {}
+        for key in keys:
+            if key in led or key in followed:
+                continue
+            running = self._calls.get((loop, key))
+            if running is None:
+                future = led[key] = loop.create_future()
+                self._calls[(loop, key)] = (future, owner)
+            else:
+                followed[key] = running
+        return led, followed
+
+    def land(
+        self,
+        led: Mapping[Hashable, asyncio.Future[Any]],
+        values: Mapping[Hashable, Any],
+        error: BaseException | None = None,
+    ) -> None:
+        """End the ``led`` futures: each key's value, or ``error`` for all (cancelled: cancel)."""
+        loop = asyncio.get_running_loop()
+        for key, future in led.items():
+            if isinstance(error, asyncio.CancelledError):
+                future.cancel()
+            elif error is not None:
+                future.set_exception(error)
+                future.exception()  # retrieved: no warning without followers
+            else:
+                future.set_result(values[key])
+            if self._calls.get((loop, key), (None,))[0] is future:
+                del self._calls[(loop, key)]
+        self.landed += 1
+
+    @staticmethod
+    async def wait(running: tuple[Any, object]) -> Outcome[Any] | None:
+        """What the leader of a followed flight got; ``None`` when it was cancelled.
+
+        A follower that is itself cancelled raises; the leader's flight goes on.
+        """
+        future, leader_owner = running
+        try:
+            value = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not future.cancelled() or (task is not None and task.cancelling()):
+                raise
+            return None
+        except Exception as error:
+            return Outcome(None, error, leader=False, owner=leader_owner)
+        return Outcome(value, None, leader=False, owner=leader_owner)

@@ -163,19 +163,99 @@ class SQLAlchemyAsyncRepository(RepositoryBase[ModelT]):
         return [next(loaded) if item is None else item for item in held]
 
     async def _load_rest(self, cache: CacheView, idents: builtins.list[Any]) -> builtins.list[Any]:
-        session = self._sync_session
-        probe = await cache.aprobe(self.model_type, idents, session)
-        found: Sequence[Any] = probe.results
-        if any(result is Lookup.MISS for result in found):  # else no query
+        """The cached or loaded instances of ``idents``, sharing loads with other coroutines.
 
-            async def loader(missing: builtins.list[Any]) -> builtins.list[Any]:
-                loaded: builtins.list[Any] = await self._locked(
-                    self._all(self._many_statement(missing, reload=True))
-                )
-                return loaded
+        See the sync repository's ``_load_many``: the missing ids nobody loads are led (one
+        query for all of them), the others followed once this coroutine's own have landed.
+        """
+        model, session = self.model_type, self._sync_session
 
-            found = await cache.aload_many(self.model_type, idents, loader, session, probe=probe)
-        return [_found(item) for item in found]
+        async def loader(missing: builtins.list[Any]) -> builtins.list[Any]:
+            loaded: builtins.list[Any] = await self._locked(
+                self._all(self._many_statement(missing, reload=True))
+            )
+            return loaded
+
+        landed = _FLIGHTS.landed
+        probe = await cache.aprobe(model, idents, session)
+        results = list(probe.results)
+        misses = [i for i, found in enumerate(results) if found is Lookup.MISS]
+        if not misses:  # no query
+            return [_found(found) for found in results]
+        keys = {i: self._entity_flight_key(cache, idents[i]) for i in misses}
+        led, followed = _FLIGHTS.claim([key for key in keys.values() if key is not None], session)
+        mine = [i for i in misses if keys[i] not in followed]  # led, or not shareable
+        if mine:
+            fresh = probe if len(mine) == len(misses) and _FLIGHTS.landed == landed else None
+            try:
+                loaded = await self._lead_many(cache, idents, mine, fresh, loader)
+            except BaseException as error:
+                _FLIGHTS.land(led, {}, error)
+                raise
+            for i, found in zip(mine, loaded, strict=True):
+                results[i] = _found(found)
+            _FLIGHTS.land(led, {keys[i]: results[i] for i in mine if keys[i] in led})
+        again = []
+        for i in misses:
+            if i in mine:
+                continue
+            outcome = await _FLIGHTS.wait(followed[keys[i]])
+            if outcome is not None and self._reusable(outcome):
+                results[i] = outcome.result()
+            else:  # another session's instance, or the leader was cancelled
+                again.append(i)
+        if again:  # the leaders filled the cache: normally hits
+            found_again = await cache.aload_many(model, [idents[i] for i in again], loader, session)
+            for i, found in zip(again, found_again, strict=True):
+                results[i] = found
+        return [_found(found) for found in results]
+
+    async def _lead_many(
+        self,
+        cache: CacheView,
+        idents: builtins.list[Any],
+        mine: builtins.list[int],
+        probe: Any,
+        loader: Callable[[builtins.list[Any]], Awaitable[builtins.list[Any]]],
+    ) -> builtins.list[Any]:
+        """The sync repository's ``_lead_many`` for a coroutine (lock attempts in threads)."""
+        model, session = self.model_type, self._sync_session
+        mutexes = [cache.manager.fill_mutex(model, idents[i], scope=cache.scope) for i in mine]
+        if all(mutex is None for mutex in mutexes):
+            if probe is not None:
+                every = await cache.aload_many(model, idents, loader, session, probe=probe)
+                return [every[i] for i in mine]
+            return await cache.aload_many(model, [idents[i] for i in mine], loader, session)
+        taken: builtins.list[FillLock] = []
+        busy: dict[int, FillLock] = {}
+        for i, mutex in zip(mine, mutexes, strict=True):
+            if mutex is None:
+                continue
+            try:
+                if await asyncio.to_thread(mutex.acquire, False):
+                    taken.append(mutex)
+                else:
+                    busy[i] = mutex
+            except Exception as error:  # load it without the lock
+                logger.warning("distributed fill lock unavailable, filling without it: %r", error)
+        values: dict[int, Any] = {}
+        now = [i for i in mine if i not in busy]
+        try:
+            if now:
+                loaded = await cache.aload_many(model, [idents[i] for i in now], loader, session)
+                values.update(zip(now, loaded, strict=True))
+        finally:
+            for mutex in taken:
+                with contextlib.suppress(Exception):  # it expires with its lock_timeout
+                    await mutex.arelease()
+        if busy:
+            for mutex in busy.values():  # another process fills it: wait for it to end
+                async with _held(mutex):
+                    pass
+            later = list(busy)
+            loaded = await cache.aload_many(model, [idents[i] for i in later], loader, session)
+            values.update(zip(later, loaded, strict=True))
+        return [values[i] for i in mine]
 
     async def get_one(
         self,

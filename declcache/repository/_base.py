@@ -105,9 +105,13 @@ class CacheView:
         idents: Sequence[Ident],
         loader: Callable[[list[Ident]], Any],
         session: Session,
+        *,
+        probe: Probe | None = None,
     ) -> list[Any]:
         """:meth:`CacheManager.load_many` in this scope, its hits entering ``session``."""
-        return self.manager.load_many(model, idents, loader, scope=self.scope, session=session)
+        return self.manager.load_many(
+            model, idents, loader, probe=probe, scope=self.scope, session=session
+        )
 
     async def aload_many(
         self,

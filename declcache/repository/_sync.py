@@ -150,10 +150,106 @@ class SQLAlchemySyncRepository(RepositoryBase[ModelT]):
         return items
 
     def _load_many(self, cache: CacheView, idents: builtins.list[Any]) -> builtins.list[Any]:
+        """The cached or loaded instances of ``idents``, sharing loads with other threads.
+
+        One look-up for all; then each missing id is either led (nobody loads it: this
+        thread loads all it leads in one query) or followed (another thread's ``get`` or
+        ``get_many`` loads it: this one waits for it, after landing its own). A follower
+        takes the leader's result when it is its own session's (or no row), else reads the
+        cache the leader filled, like :meth:`get`'s followers.
+        """
+        model, session = self.model_type, self.session
+
         def loader(missing: builtins.list[Any]) -> builtins.list[Any]:
             return self._all(self._many_statement(missing, reload=True))
 
-        return cache.load_many(self.model_type, idents, loader, self.session)
+        landed = _FLIGHTS.landed
+        probe = cache.probe(model, idents, session)
+        results = list(probe.results)
+        misses = [i for i, found in enumerate(results) if found is Lookup.MISS]
+        if not misses:
+            return [_found(found) for found in results]
+        keys = {i: self._entity_flight_key(cache, idents[i]) for i in misses}
+        led, followed = _FLIGHTS.claim([key for key in keys.values() if key is not None], session)
+        mine = [i for i in misses if keys[i] not in followed]  # led, or not shareable
+        if mine:
+            # Nothing landed since the look-up: the leader may fill against it, no second look.
+            fresh = probe if len(mine) == len(misses) and _FLIGHTS.landed == landed else None
+            try:
+                loaded = self._lead_many(cache, idents, mine, fresh, loader)
+            except BaseException as error:
+                _FLIGHTS.land(led, {}, error)
+                raise
+            for i, found in zip(mine, loaded, strict=True):
+                results[i] = _found(found)
+            _FLIGHTS.land(led, {keys[i]: results[i] for i in mine if keys[i] in led})
+        again = []
+        for i in misses:
+            if i in mine:
+                continue
+            outcome = _FLIGHTS.wait(followed[keys[i]])
+            if self._reusable(outcome):
+                results[i] = outcome.result()
+            else:
+                again.append(i)
+        if again:  # the leaders filled the cache: normally hits
+            found_again = cache.load_many(model, [idents[i] for i in again], loader, session)
+            for i, found in zip(again, found_again, strict=True):
+                results[i] = found
+        return [_found(found) for found in results]
+
+    def _lead_many(
+        self,
+        cache: CacheView,
+        idents: builtins.list[Any],
+        mine: builtins.list[int],
+        probe: Any,
+        loader: Callable[[builtins.list[Any]], builtins.list[Any]],
+    ) -> builtins.list[Any]:
+        """Load ``idents`` at the positions ``mine`` (this thread leads them): one query.
+
+        ``probe``: the look-up of every ident, when the leader may fill against it. With the
+        backend's distributed lock, the ids whose lock is free are locked and loaded in one
+        query (looked up again under the locks); for the others another process is
+        loading, so this one waits for each lock (bounded), then reads what was filled.
+        """
+        model, session = self.model_type, self.session
+        mutexes = [cache.manager.fill_mutex(model, idents[i], scope=cache.scope) for i in mine]
+        if all(mutex is None for mutex in mutexes):
+            if probe is not None:
+                every = cache.load_many(model, idents, loader, session, probe=probe)
+                return [every[i] for i in mine]
+            return cache.load_many(model, [idents[i] for i in mine], loader, session)
+        taken: builtins.list[FillLock] = []
+        busy: dict[int, FillLock] = {}
+        for i, mutex in zip(mine, mutexes, strict=True):
+            if mutex is None:
+                continue
+            try:
+                if mutex.acquire(False):
+                    taken.append(mutex)
+                else:
+                    busy[i] = mutex
+            except Exception as error:  # load it without the lock
+                logger.warning("distributed fill lock unavailable, filling without it: %r", error)
+        values: dict[int, Any] = {}
+        now = [i for i in mine if i not in busy]
+        try:
+            if now:
+                loaded = cache.load_many(model, [idents[i] for i in now], loader, session)
+                values.update(zip(now, loaded, strict=True))
+        finally:
+            for mutex in taken:
+                with contextlib.suppress(Exception):  # it expires with its lock_timeout
+                    mutex.release()
+        if busy:
+            for mutex in busy.values():  # another process fills it: wait for it to end
+                with _held(mutex):
+                    pass
+            later = list(busy)
+            loaded = cache.load_many(model, [idents[i] for i in later], loader, session)
+            values.update(zip(later, loaded, strict=True))
+        return [values[i] for i in mine]
 
     def get_one(
         self,
